@@ -1,0 +1,40 @@
+# RLHF on DeepSpeed. `make help` lists the targets.
+PY_SYS ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-fast bench sweep clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0 numpy
+	# DeepSpeed builds against the torch above (no isolated build env that would fetch another torch).
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.19,<0.20"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create the environment (.venv): CPU torch, then the project and its deps
+
+run: $(STAMP) ## run the main job on the embedded tiny default (ARGS="key=value ..." to override)
+	$(PY) run.py $(ARGS)
+
+test: $(STAMP) ## run the whole test suite
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP) ## benchmark sweep on the tiny models (tables under multirun/)
+	$(PY) run.py -m sweep=zero_offload $(ARGS)
+
+clean: ## remove caches and run outputs (keeps .venv)
+	rm -rf .cache outputs multirun .pytest_cache

@@ -1,0 +1,169 @@
+"""PPO for RLHF with DeepSpeed-Chat semantics (reference.md §1 step 3).
+
+All per-token tensors are *aligned*: position t of ``logprobs``, ``values``, ``rewards`` and
+``action_mask`` refers to the same generated token (the caller does the causal shift, e.g. with
+``gather_logprobs(logits[:, :-1], ids[:, 1:])`` and ``mask[:, 1:]``). ``action_mask`` is 1 on the
+answer tokens and 0 on the prompt, after the end of the answer (EOS) and on padding; it is assumed
+contiguous (zeros, ones, zeros). Stats dicts hold detached 0-dim tensors (call ``.item()``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.algos.logprobs import masked_mean
+
+Tensor = torch.Tensor
+
+
+def last_true_index(mask: Tensor) -> Tensor:
+    """Index of the last nonzero entry of each row, mask [B, T] -> [B] int64 (-1 if the row is
+    all zero)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask != 0, positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def kl_penalized_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor,
+                         action_mask: Tensor, kl_ctl: float, clip_reward_value: float) -> Tensor:
+    """Per-token PPO reward: KL penalty on every answer token, clipped score on the last one.
+
+    logprobs [B, T], ref_logprobs [B, T] (actor / reference log-prob of each token), scores [B]
+    (reward model), action_mask [B, T] -> rewards [B, T]:
+    ``-kl_ctl * (logprobs - ref_logprobs)`` where action_mask is 1, 0 elsewhere, plus
+    ``clamp(score, -clip_reward_value, clip_reward_value)`` at the last position where
+    action_mask is 1 (rows with no answer token get no score).
+    """
+    keep = action_mask != 0
+    kl = -kl_ctl * (logprobs - ref_logprobs)
+    rewards = torch.where(keep, kl, torch.zeros_like(kl))
+    last = last_true_index(action_mask)
+    score = scores.to(rewards.dtype).clamp(-clip_reward_value, clip_reward_value)
+    score = torch.where(last >= 0, score, torch.zeros_like(score))
+    return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), score.unsqueeze(1))
+
+
+def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
+                   lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the answer tokens (reverse loop over T).
+
+    rewards [B, T], values [B, T], mask [B, T] -> (advantages [B, T], returns [B, T]), detached.
+    Rewards and values where mask is 0 (after the end of the answer, padding) count as 0, so the
+    value after the last answer token is 0 (episode end). With r, v masked:
+    ``delta_t = r_t + gamma * v_{t+1} - v_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``,
+    ``returns = A + v``; both outputs are 0 where mask is 0 (the recursion restarts there).
+    """
+    keep = mask != 0
+    zeros = torch.zeros_like(values)
+    r = torch.where(keep, rewards, zeros).detach()
+    v = torch.where(keep, values, zeros).detach()
+    next_v = torch.cat([v[:, 1:], zeros[:, :1]], dim=1)
+    delta = r + gamma * next_v - v
+    advantages = torch.zeros_like(v)
+    running = zeros[:, 0]
+    for t in reversed(range(v.shape[1])):
+        running = torch.where(keep[:, t], delta[:, t] + gamma * lam * running, zeros[:, 0])
+        advantages[:, t] = running
+    returns = torch.where(keep, advantages + v, zeros)
+    return advantages, returns
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                cliprange: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate for the actor.
+
+    logprobs [B, T] (current policy, with grad), old_logprobs [B, T] (at rollout time),
+    advantages [B, T], mask [B, T] -> (loss 0-dim, stats). With ratio = exp(logp - old_logp):
+    loss = masked mean of ``max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c))``.
+    stats: "clipfrac" share of masked tokens where the clipped term is the larger one
+    (strictly), "approx_kl" masked mean of ``(ratio - 1) - log ratio`` (k3, >= 0).
+    """
+    keep = mask != 0
+    log_ratio = torch.where(keep, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               cliprange_value: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss for the critic.
+
+    values [B, T] (current critic, with grad), old_values [B, T] (at rollout time), returns [B, T],
+    mask [B, T] -> (loss 0-dim, stats). With v_clip = clamp(v, old - c, old + c):
+    loss = 0.5 * masked mean of ``max((v - R)^2, (v_clip - R)^2)``.
+    stats: "clipfrac" share of masked tokens where the clipped error is strictly larger.
+    """
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    err = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((err_clipped > err).to(err.dtype), mask)}
+    return loss, stats
+
+
+def kl_estimates(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """KL(actor || reference) estimates from sampled tokens, for logging / the KL controller.
+
+    logprobs [B, T], ref_logprobs [B, T], mask [B, T] -> dict of detached 0-dim tensors:
+    "kl": per sequence, the sum over masked tokens of ``logp - logp_ref`` (k1), averaged over B;
+    "k3": same aggregation of ``exp(d) - 1 - d`` with d = logp_ref - logp (unbiased, >= 0);
+    "kl_token_mean": masked mean of ``logp - logp_ref`` over all tokens of the batch.
+    """
+    with torch.no_grad():
+        keep = mask != 0
+        zeros = torch.zeros_like(logprobs)
+        k1 = torch.where(keep, logprobs - ref_logprobs, zeros)
+        k3 = torch.where(keep, torch.expm1(-k1) + k1, zeros)
+        return {
+            "kl": k1.sum(dim=1).mean(),
+            "k3": k3.sum(dim=1).mean(),
+            "kl_token_mean": masked_mean(k1, mask),
+        }
+
+
+class FixedKLController:
+    """Constant KL coefficient (DeepSpeed-Chat's default); ``update`` does nothing."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Ignore the measured KL (same interface as AdaptiveKLController)."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Proportional KL controller of Ziegler et al. (2019).
+
+    ``update(current_kl, n_steps)``: error = clip(current_kl / target - 1, -0.2, 0.2);
+    ``value *= 1 + error * n_steps / horizon`` (n_steps: samples/steps seen since the last update).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got {target=}, {horizon=}")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+        self.target, self.horizon = float(state["target"]), float(state["horizon"])

@@ -1,0 +1,198 @@
+"""Distributed setup, DeepSpeed engines, and full-weight export under any ZeRO stage."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rlhf.config import HardwareConfig, ZeroConfig
+from rlhf.engine.ds_config import build_ds_config
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(hardware: HardwareConfig) -> tuple[int, int]:
+    """Join (or, for one inline process, create) the process group. Returns (rank, world_size).
+
+    Rank workers started by a launcher find RANK/WORLD_SIZE set; an inline run is a group of one,
+    which DeepSpeed still needs.
+    """
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ["MASTER_PORT"] = str(hardware.master_port or free_port())
+        deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device_for(hardware: HardwareConfig) -> torch.device:
+    if hardware.accelerator == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def dtype_for(precision: str, model_dtype: str = "auto") -> torch.dtype:
+    name = precision if model_dtype == "auto" else model_dtype
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(values: Dict[str, float]) -> Dict[str, float]:
+    """Average a dict of floats over ranks (identity for one rank)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+@dataclass
+class OptimSpec:
+    """What one trained engine needs besides the model: plain values from a stage's section."""
+
+    lr: float
+    weight_decay: float
+    betas: List[float]
+    eps: float
+    scheduler: str
+    warmup_steps: int
+    total_steps: int
+    micro_batch_size: int
+    grad_accum: int
+    grad_clip: float
+
+
+def make_optimizer(param_groups: List[dict], spec: OptimSpec, zero: ZeroConfig, hardware: HardwareConfig):
+    """AdamW; DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on CUDA otherwise."""
+    betas = tuple(spec.betas)
+    if zero.offload_optimizer and zero.stage > 0:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=spec.lr, betas=betas, eps=spec.eps, adamw_mode=True)
+    if hardware.accelerator == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(param_groups, lr=spec.lr, betas=betas, eps=spec.eps, adam_w_mode=True)
+    return torch.optim.AdamW(param_groups, lr=spec.lr, betas=betas, eps=spec.eps)
+
+
+def make_scheduler(optimizer, spec: OptimSpec):
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    if spec.scheduler not in names:
+        raise ValueError(f"scheduler must be one of {sorted(names)}, got '{spec.scheduler}'")
+    return get_scheduler(
+        names[spec.scheduler],
+        optimizer,
+        num_warmup_steps=spec.warmup_steps,
+        num_training_steps=max(spec.total_steps, 1),
+    )
+
+
+def build_train_engine(
+    model: torch.nn.Module,
+    param_groups: List[dict],
+    spec: OptimSpec,
+    zero: ZeroConfig,
+    hardware: HardwareConfig,
+    world_size: int,
+    stage: Optional[int] = None,
+):
+    """Wrap a model in a DeepSpeed training engine (optimizer and schedule ours, JSON derived)."""
+    import deepspeed
+
+    if stage is not None and stage != zero.stage:
+        from dataclasses import replace
+
+        zero = replace(zero, stage=stage, offload_param=zero.offload_param and stage == 3)
+    ds_cfg = build_ds_config(
+        zero,
+        hardware,
+        micro_batch_size=spec.micro_batch_size,
+        grad_accum=spec.grad_accum,
+        world_size=world_size,
+        grad_clip=spec.grad_clip,
+    )
+    optimizer = make_optimizer(param_groups, spec, zero, hardware)
+    scheduler = make_scheduler(optimizer, spec)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
+    )
+    return engine
+
+
+def build_eval_engine(model, zero: ZeroConfig, hardware: HardwareConfig, world_size: int, *,
+                      stage: int, offload: bool = False, micro_batch_size: int = 1):
+    """A frozen model under DeepSpeed (ZeRO-3 shards it; stages 0-2 keep a full copy)."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    if stage != 3:
+        return model.to(device_for(hardware)).eval()
+    from dataclasses import replace
+
+    ds_cfg = build_ds_config(
+        replace(zero, stage=3, offload_optimizer=False), hardware,
+        micro_batch_size=micro_batch_size, world_size=world_size, stage=3, train=False, offload=offload,
+    )
+    engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
+    engine.module.eval()
+    return engine
+
+
+def is_zero3(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter], enabled: bool = True, modifier_rank=None):
+    """Full parameters inside the block under ZeRO-3; a no-op otherwise."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not (enabled and params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def full_state_dict(module: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """CPU copy of every parameter and buffer (gathered under ZeRO-3); on rank 0, else None."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = None
+    with gathered(module.parameters()):
+        if rank == 0:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    return state

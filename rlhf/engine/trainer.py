@@ -1,0 +1,151 @@
+"""The one training loop shared by the supervised-style stages (sft, rm, dpo, pretrain).
+
+A stage supplies a ``step_fn(batch) -> (loss, metrics)`` and an ``eval_fn() -> metrics``; this loop
+does the rest: epochs over a seeded sampler, DeepSpeed backward/step (accumulation and clipping are
+DeepSpeed's), non-finite loss handling, periodic eval, metrics, progress, resumable checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from rlhf.engine.setup import all_reduce_mean
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopSpec:
+    epochs: int
+    max_steps: int  # optimizer steps; 0 = all epochs
+    eval_every: int  # optimizer steps; 0 = once per epoch
+    log_every: int
+    skip_nonfinite: bool
+    grad_accum: int
+
+
+def make_loader(dataset, batch_size: int, collate, rank: int, world: int, seed: int, shuffle: bool = True):
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=shuffle)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      drop_last=shuffle)
+
+
+def total_steps(n_batches: int, spec: LoopSpec) -> int:
+    per_epoch = max(n_batches // spec.grad_accum, 1)
+    steps = per_epoch * spec.epochs
+    return min(steps, spec.max_steps) if spec.max_steps > 0 else steps
+
+
+def fit(
+    engine,
+    loader: DataLoader,
+    step_fn: Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, float]]],
+    eval_fn: Callable[[], Dict[str, float]],
+    spec: LoopSpec,
+    tracker,
+    checkpointer=None,
+    state: Optional[Dict] = None,
+) -> Dict[str, float]:
+    """Train ``engine`` and return the last eval metrics plus throughput.
+
+    Steps:
+      1. work out the schedule (optimizer steps, where a resumed run restarts);
+      2. for each epoch and micro-batch: forward + loss (``step_fn``), stop or skip on a
+         non-finite loss, DeepSpeed backward and step;
+      3. at each optimizer-step boundary: log, eval when due, checkpoint when due;
+      4. final eval; return metrics.
+    """
+    # 1. schedule
+    n_total = total_steps(len(loader), spec)
+    state = state or {"epoch": 0, "batch": 0, "skipped": 0}
+    step = engine.global_steps
+    eval_metrics: Dict[str, float] = {}
+    samples = tokens = 0
+    t0 = time.perf_counter()
+    bar = tracker.progress(total=n_total, initial=step, desc="train")
+    window: Dict[str, float] = {}
+    n_window = 0
+    done = step >= n_total
+    epoch, start_batch = state["epoch"], state["batch"]
+    while not done and epoch < spec.epochs:
+        loader.sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i < start_batch:
+                continue  # resumed mid-epoch: these micro-batches are already in the weights
+            # 2. forward, loss, backward, step
+            boundary = engine.is_gradient_accumulation_boundary()
+            loss, metrics = step_fn(batch)
+            if not torch.isfinite(loss.detach()).all():
+                if not spec.skip_nonfinite:
+                    raise NonFiniteLoss(
+                        f"loss is {loss.item()} at optimizer step {step} (epoch {epoch}, batch {i}); "
+                        "the last good checkpoint is kept. Set <stage>.skip_nonfinite=true to skip such steps."
+                    )
+                state["skipped"] += 1
+                log.warning("skipping non-finite loss at step %d (%d skipped)", step, state["skipped"])
+                loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+            engine.backward(loss)
+            engine.step()
+            samples += int(batch["input_ids"].shape[0])
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                window[k] = window.get(k, 0.0) + float(v)
+            n_window += 1
+            if not boundary:
+                continue
+            # 3. an optimizer step is done: log, eval, checkpoint when due
+            step = engine.global_steps
+            bar.update(1)
+            if step % spec.log_every == 0 or step == n_total:
+                means = all_reduce_mean({k: v / n_window for k, v in window.items()})
+                elapsed = time.perf_counter() - t0
+                means.update(lr=engine.get_lr()[0], epoch=epoch + (i + 1) / len(loader),
+                             samples_per_s=samples * engine.world_size / max(elapsed, 1e-9))
+                tracker.log({f"train/{k}": v for k, v in means.items()}, step=step)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{means['samples_per_s']:.1f}")
+                window, n_window = {}, 0
+            if spec.eval_every and step % spec.eval_every == 0 and step < n_total:
+                eval_metrics = eval_fn()
+                tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
+            if checkpointer is not None:
+                checkpointer.maybe_save(step, {"epoch": epoch, "batch": i + 1, "skipped": state["skipped"]})
+            if step >= n_total:
+                done = True
+                break
+        if done:
+            break
+        epoch, start_batch = epoch + 1, 0
+        if not spec.eval_every and epoch < spec.epochs:
+            eval_metrics = eval_fn()
+            tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
+    bar.close()
+    # 4. final eval
+    elapsed = time.perf_counter() - t0
+    eval_metrics = eval_fn()
+    tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
+    world = engine.world_size
+    return {
+        **eval_metrics,
+        "steps": step,
+        "skipped_nonfinite": state["skipped"],
+        "train_time_s": elapsed,
+        "samples_per_s": samples * world / max(elapsed, 1e-9),
+        "tokens_per_s": tokens * world / max(elapsed, 1e-9),
+        "final_train_loss": _last_loss(tracker),
+    }
+
+
+def _last_loss(tracker) -> float:
+    v = tracker.last.get("train/loss")
+    return float(v) if v is not None else math.nan

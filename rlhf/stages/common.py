@@ -1,0 +1,179 @@
+"""What every stage does the same way: start/finish a run, load and export models, score the demo.
+
+Stages differ only in their loop; everything they share lives here or below (data, models,
+engine, algos, tracking).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.engine.setup import (OptimSpec, barrier, device_for, dtype_for, gathered, init_distributed,
+                               seed_everything)
+from rlhf.models.families import Family, get_family
+from rlhf.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    cfg: DictConfig
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path
+    cache_dir: Path
+    tracker: Tracker
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context:
+    """Join the process group, seed, open tracking in ``run_dir`` (default: cfg.run_dir)."""
+    rank, world = init_distributed(cfg.hardware)
+    seed_everything(int(cfg.seed))
+    run_dir = Path(run_dir or cfg.run_dir)
+    cache_dir = Path(cfg.cache_dir)
+    tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), rank=rank,
+                      name=f"{name}-{Path(cfg.run_dir).name}")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("stage %s: %d rank(s), run dir %s", name, world, run_dir)
+    return Context(cfg, rank, world, device_for(cfg.hardware), dtype_for(cfg.hardware.precision, cfg.model.dtype),
+                   run_dir, cache_dir, tracker)
+
+
+def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    metrics = dict(metrics, wall_time_s=time.perf_counter() - ctx.t0, world_size=ctx.world)
+    out = ctx.tracker.summary(metrics)
+    ctx.tracker.close()
+    barrier()
+    return out
+
+
+def model_path(ctx: Context, init_from: Optional[str]) -> str:
+    """The checkpoint a stage starts from: ``<stage>.init_from`` if set, else ``model.path``."""
+    from rlhf.models.load import resolve_path
+
+    if init_from:
+        p = Path(init_from)
+        if not p.exists():
+            raise FileNotFoundError(f"init_from={init_from}: no such directory")
+        return str(p)
+    return resolve_path(ctx.cfg.model, ctx.cache_dir / "models")
+
+
+def family(ctx: Context) -> Family:
+    return get_family(ctx.cfg.model.family)
+
+
+def load_tokenizer(ctx: Context, path: str):
+    from rlhf.models.load import load_tokenizer as _load
+
+    return _load(path, family(ctx), trust_remote_code=ctx.cfg.model.trust_remote_code)
+
+
+def load_policy(ctx: Context, path: str, *, disable_dropout: bool, gradient_checkpointing: bool,
+                lora: bool = True):
+    """A causal LM ready to train: dropout as asked, gradient checkpointing, LoRA from ``lora.*``."""
+    from rlhf.models.load import load_causal_lm
+    from rlhf.models.lora import apply_lora
+
+    init = "pretrained" if ctx.cfg.model.init == "tiny" or path != ctx.cfg.model.path else None
+    model = load_causal_lm(ctx.cfg.model, path, dtype=ctx.dtype, disable_dropout=disable_dropout, init=init)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora and ctx.cfg.lora.rank > 0:
+        model = apply_lora(model, ctx.cfg.lora, family(ctx))
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def optim_spec(section, total_steps: int, world: int) -> OptimSpec:
+    return OptimSpec(lr=section.lr, weight_decay=section.weight_decay, betas=list(section.betas),
+                     eps=section.eps, scheduler=section.scheduler, warmup_steps=section.warmup_steps,
+                     total_steps=total_steps, micro_batch_size=section.micro_batch_size,
+                     grad_accum=section.grad_accum, grad_clip=section.grad_clip)
+
+
+def param_groups(ctx: Context, model, lr: float, weight_decay: float) -> List[dict]:
+    from rlhf.models.lora import lora_param_groups
+
+    return lora_param_groups(model, ctx.cfg.lora, lr, weight_decay)
+
+
+def export_hf(ctx: Context, module, tokenizer, out_dir: Path) -> Path:
+    """Save the full model (LoRA merged, ZeRO-3 gathered) as an HF directory on rank 0."""
+    from rlhf.models.load import save_hf
+
+    with gathered(module.parameters()):
+        if ctx.is_main:
+            save_hf(module, tokenizer, out_dir)
+    barrier()
+    return out_dir
+
+
+def uses_demo(ctx: Context) -> bool:
+    return any(s.name.startswith("demo") for s in ctx.cfg.data.sources)
+
+
+@torch.no_grad()
+def generate(module, tokenizer, prompts: List[str], *, max_new_tokens: int, device, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64) -> List[str]:
+    """Answers (decoded text after the prompt) for ``prompts``; prompts left-padded.
+
+    Under ZeRO-3 with several ranks every rank must call this with the same number of batches
+    (``synced_gpus``): parameters are gathered collectively layer by layer.
+    """
+    synced = dist.is_initialized() and dist.get_world_size() > 1 and any(hasattr(p, "ds_id") for p in module.parameters())
+    was_training = module.training
+    module.eval()
+    answers: List[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = module.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  temperature=temperature if do_sample else None,
+                                  top_k=top_k if do_sample and top_k else None,
+                                  top_p=top_p if do_sample else None,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  synced_gpus=synced)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        module.train(was_training)
+    return answers
+
+
+def heldout_rule_rate(ctx: Context, module, tokenizer, max_new_tokens: int = 16) -> Optional[float]:
+    """Share of held-out demo prompts whose greedy answer passes the task rule (None off the demo)."""
+    if not uses_demo(ctx):
+        return None
+    from rlhf.data.demo import heldout_prompts, rule_rate
+
+    prompts = heldout_prompts(int(ctx.cfg.data.heldout_prompts), seed=int(ctx.cfg.seed))
+    answers = generate(module, tokenizer, prompts, max_new_tokens=max_new_tokens, device=ctx.device)
+    return float(rule_rate(prompts, answers))
+
+
+def perplexity(mean_nll: float) -> float:
+    return math.exp(min(mean_nll, 50.0))

@@ -1,0 +1,36 @@
+"""Shared fixtures: compose the real config tree, a per-session cache of tiny models and data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from rlhf.config import quote_numeric_choices, register
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+register()
+
+
+def compose_cfg(*overrides: str, run_dir: str | Path | None = None, cache_dir: str | Path | None = None):
+    """The config ``python run.py <overrides>`` would get (run_dir/cache_dir filled in)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=quote_numeric_choices(list(overrides)))
+    if run_dir is not None:
+        cfg.run_dir = str(run_dir)
+    cfg.cache_dir = str(cache_dir or shared_cache())
+    return cfg
+
+
+def shared_cache() -> Path:
+    """One cache for the whole session (tiny models, demo data, tokenised data)."""
+    path = Path(os.environ.get("RLHF_TEST_CACHE", ROOT / ".cache" / "tests"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def compose_config():
+    return compose_cfg
