@@ -1,0 +1,1 @@
+"""RLHF training on DeepSpeed: SFT, reward model, PPO and DPO, configured with Hydra."""
