@@ -195,6 +195,11 @@ class PPOConfig:
 
 
 @dataclass
+class CriticConfig:
+    path: Optional[str] = None  # critic init (DeepSpeed-Chat: the step-2 model dir); None = the reward model
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING  # key of rlhf.stages.STAGES
 
@@ -221,6 +226,9 @@ class Config:
     lora: LoraConfig = MISSING
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING
+    actor: ModelConfig = MISSING  # step 3 policy (and the pipeline's step-1 model); defaults to model
+    reward: ModelConfig = MISSING  # reward/critic model (the pipeline's step-2 model); defaults to model
+    critic: CriticConfig = field(default_factory=CriticConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

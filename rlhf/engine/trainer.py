@@ -113,7 +113,7 @@ def fit(
                 means.update(lr=engine.get_lr()[0], epoch=epoch + (i + 1) / len(loader),
                              samples_per_s=samples * engine.world_size / max(elapsed, 1e-9))
                 tracker.log({f"train/{k}": v for k, v in means.items()}, step=step)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{means['samples_per_s']:.1f}")
+                bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{means['samples_per_s']:.1f}", refresh=False)
                 window, n_window = {}, 0
             if spec.eval_every and step % spec.eval_every == 0 and step < n_total:
                 eval_metrics = eval_fn()

@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict
 # name -> "module:function"; imported on use so a stage pulls in only what it needs.
 STAGES: Dict[str, str] = {
     "sft": "rlhf.stages.sft:run",
+    "rm": "rlhf.stages.rm:run",
 }
 
 

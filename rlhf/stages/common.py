@@ -118,13 +118,17 @@ def param_groups(ctx: Context, model, lr: float, weight_decay: float) -> List[di
     return lora_param_groups(model, ctx.cfg.lora, lr, weight_decay)
 
 
-def export_hf(ctx: Context, module, tokenizer, out_dir: Path) -> Path:
-    """Save the full model (LoRA merged, ZeRO-3 gathered) as an HF directory on rank 0."""
+def export_hf(ctx: Context, module, tokenizer, out_dir: Path, save=None) -> Path:
+    """Save the full model (LoRA merged, ZeRO-3 gathered) as an HF directory on rank 0.
+
+    ``save(module, tokenizer, out_dir)`` defaults to ``save_hf`` (causal LMs); reward models pass
+    ``save_reward_model``.
+    """
     from rlhf.models.load import save_hf
 
     with gathered(module.parameters()):
         if ctx.is_main:
-            save_hf(module, tokenizer, out_dir)
+            (save or save_hf)(module, tokenizer, out_dir)
     barrier()
     return out_dir
 

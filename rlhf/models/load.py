@@ -1,0 +1,306 @@
+"""Loading and saving HF causal LMs: hub id | local dir | init=random (real shape) | init=tiny.
+
+Every model directory this project writes is plain HF format (config.json + model.safetensors +
+tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` loads with no project code.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rlhf.config import ModelConfig
+from rlhf.models.families import Family, family_for_model_type, get_family
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _looks_like_path(s: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name")."""
+    return s.startswith(("/", "./", "../", "~")) or s.count("/") > 1
+
+
+def resolve_path(model_cfg: ModelConfig, cache_dir: str | Path) -> str:
+    """Where to load ``model_cfg`` from: a local directory or a hub id.
+
+    init=tiny: builds (or reuses) the tiny model ``model.path`` under ``<cache_dir>/models``.
+    Otherwise an existing local path must be a directory with config.json and weights
+    (``*.safetensors``; ``*.bin``/``*.pt`` only with ``model.allow_pickle=true``; init=random needs
+    only config.json). A string that is not an existing path is returned as a hub id, unless it is
+    clearly a filesystem path (starts with / ./ ../ ~), which is a FileNotFoundError.
+    """
+    path = str(model_cfg.path)
+    if model_cfg.init == "tiny":
+        from rlhf.models.tiny import build_tiny
+
+        return str(build_tiny(path, Path(cache_dir) / "models"))
+    if model_cfg.init not in ("pretrained", "random"):
+        raise ValueError(f"model.init={model_cfg.init!r}: expected pretrained, random or tiny")
+    local = Path(os.path.expanduser(path))
+    if not local.exists():
+        if _looks_like_path(path):
+            raise FileNotFoundError(f"model.path={path!r} does not exist (a local directory was expected)")
+        return path  # hub id, resolved by from_pretrained
+    if not local.is_dir():
+        raise ValueError(f"model.path={path!r} is a file; expected an HF model directory with config.json")
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={path!r} has no config.json: not an HF model directory")
+    if model_cfg.init == "random":
+        return str(local)
+    files = [p.name for p in local.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return str(local)
+    pickled = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickled and model_cfg.allow_pickle:
+        return str(local)
+    if pickled:
+        raise ValueError(
+            f"model.path={path!r} holds only pickle weights ({', '.join(sorted(pickled))}); loading them can run "
+            "arbitrary code. Convert them to safetensors, or set model.allow_pickle=true if you trust the source."
+        )
+    raise FileNotFoundError(
+        f"model.path={path!r} has config.json but no weights (*.safetensors); "
+        "use model.init=random for a randomly initialised model of this shape"
+    )
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _check_remote_code(family: Family, trust_remote_code: bool, what: str) -> None:
+    if family.needs_remote_code and not trust_remote_code:
+        raise ValueError(
+            f"{what} of family {family.name!r} runs custom code shipped with the checkpoint; "
+            "review it and set `model.trust_remote_code=true` to allow it"
+        )
+
+
+def load_tokenizer(path: str, family: Family, trust_remote_code: bool = False):
+    """AutoTokenizer for ``path`` with a pad token (per ``family.pad_from``) and the family's
+    training padding side. An existing pad token is kept."""
+    from transformers import AutoTokenizer
+
+    _check_remote_code(family, trust_remote_code, f"the tokenizer at {path!r}")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        order = {"pad": ("eos", "unk"), "eos": ("eos", "unk"), "unk": ("unk", "eos")}[family.pad_from]
+        for source in order:
+            token = getattr(tokenizer, f"{source}_token")
+            if token is not None:
+                tokenizer.pad_token = token
+                break
+        else:
+            raise ValueError(f"tokenizer at {path!r} has no pad, eos or unk token to pad with")
+    tokenizer.padding_side = family.padding_side
+    return tokenizer
+
+
+# ---------------------------------------------------------------- models
+
+
+def _check_family(family: Family, model_type: str | None, path: str) -> None:
+    """A checkpoint whose model_type belongs to another known family is a config mistake."""
+    if not model_type or model_type in family.model_types:
+        return
+    try:
+        other = family_for_model_type(model_type)
+    except ValueError:
+        return  # an unlisted variant: trust model.family
+    raise ValueError(
+        f"model.family={family.name!r} but {path!r} is a {model_type!r} model (family {other.name!r}); "
+        f"set model.family={other.name}"
+    )
+
+
+def _zero_dropout_config(config) -> None:
+    for key, value in list(vars(config).items()):
+        low = key.lower()
+        if ("dropout" in low or "layerdrop" in low) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    for sub in ("text_config", "decoder"):
+        if hasattr(config, sub) and hasattr(getattr(config, sub), "to_dict"):
+            _zero_dropout_config(getattr(config, sub))
+
+
+def zero_dropout(model: nn.Module) -> None:
+    """Set every ``nn.Dropout`` probability in ``model`` to 0 (in place)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def load_config(model_cfg: ModelConfig, path: str, *, disable_dropout: bool = False, init: str | None = None):
+    """The HF config of ``model_cfg``: from ``path`` when it is loadable (local dir, or hub id for
+    pretrained), else (init=random on a hub id) the family's config class built from
+    ``model.arch``. Used by both causal-LM and reward-model loading."""
+    from transformers import AutoConfig
+
+    family = get_family(model_cfg.family)
+    init = init or model_cfg.init
+    _check_remote_code(family, model_cfg.trust_remote_code, f"model {path!r}")
+    if init == "random" and not Path(path).is_dir():
+        if not model_cfg.arch:
+            raise ValueError(
+                f"model.init=random for hub id {path!r} needs model.arch (HF config kwargs) to build the "
+                "real shape offline"
+            )
+        if family.needs_remote_code:
+            raise ValueError(
+                f"model.init=random for family {family.name!r} needs a local directory with its config and "
+                "custom code in model.path (transformers has no built-in config class for it)"
+            )
+        config = AutoConfig.for_model(family.model_types[0], **dict(model_cfg.arch))
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        if init == "random" and model_cfg.arch:
+            for key, value in dict(model_cfg.arch).items():
+                setattr(config, key, value)
+    _check_family(family, getattr(config, "model_type", None), path)
+    if disable_dropout:
+        _zero_dropout_config(config)
+    return config
+
+
+def _load(auto_cls, model_cfg: ModelConfig, path: str, dtype: torch.dtype, disable_dropout: bool, init: str | None):
+    init = init or model_cfg.init
+    config = load_config(model_cfg, path, disable_dropout=disable_dropout, init=init)
+    if init == "random":
+        model = auto_cls.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    else:
+        kwargs = {} if model_cfg.allow_pickle else {"use_safetensors": True}
+        try:
+            model = auto_cls.from_pretrained(
+                path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+            )
+        except OSError as e:
+            if model_cfg.allow_pickle or "safetensors" not in str(e):
+                raise
+            raise OSError(
+                f"{e}\n(only safetensors weights are loaded by default; if {path!r} only has pickle weights "
+                "(.bin/.pt) and you trust it, set model.allow_pickle=true)"
+            ) from e
+    if disable_dropout:
+        zero_dropout(model)
+    return model
+
+
+def load_causal_lm(
+    model_cfg: ModelConfig,
+    path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    disable_dropout: bool = False,
+    init: str | None = None,
+):
+    """``AutoModelForCausalLM`` for ``model_cfg`` from ``path`` (see ``resolve_path``).
+
+    init (default ``model.init``): ``random`` builds the real shape with random weights (config
+    from ``path`` if it is a local dir, else from ``model.arch``); ``pretrained``/``tiny`` load the
+    weights (safetensors only unless ``model.allow_pickle``). Families with custom code require
+    ``model.trust_remote_code=true``. ``disable_dropout`` zeroes every dropout probability.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, model_cfg, path, dtype, disable_dropout, init)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def merged_state(model) -> tuple[nn.Module, dict | None]:
+    """``(hf_model, state_dict)`` to save ``model`` as a plain HF model without modifying it.
+
+    For a peft model: the underlying transformers model and a state dict with every LoRA delta
+    added to its base weight (the same arithmetic as peft's ``merge_and_unload``) and adapter
+    keys removed. Otherwise ``(model, None)`` (save its own state dict).
+    """
+    if not is_peft_model(model):
+        return model, None
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if not isinstance(module, LoraLayer) or module.merged:
+                continue
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if not adapters:
+                continue
+            if any(a in getattr(module, "lora_variant", {}) for a in adapters):
+                raise NotImplementedError(f"{name}: only plain LoRA adapters can be merged for saving")
+            weight = module.get_base_layer().weight
+            merged = weight.detach().clone()
+            for adapter in adapters:
+                merged += module.get_delta_weight(adapter).to(weight.dtype)
+            state[f"{name}.weight"] = merged
+    return base, state
+
+
+def atomic_dir(out_dir: str | Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp_dir)`` then move the result to ``out_dir``, replacing an existing one.
+
+    A crash while writing leaves any previous ``out_dir`` intact; the old copy is only removed
+    after the new one is in place.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf(model, tokenizer, out_dir: str | Path) -> None:
+    """Save ``model`` (LoRA merged in, model left unchanged) and ``tokenizer`` to ``out_dir`` as
+    safetensors, atomically. The result loads with ``AutoModelForCausalLM.from_pretrained`` alone.
+
+    The model must be whole on this process (under ZeRO-3 gather the parameters first).
+    """
+    hf_model, state = merged_state(model)
+
+    def write(tmp: Path) -> None:
+        hf_model.save_pretrained(str(tmp), state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    atomic_dir(out_dir, write)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; ZeRO-3 partitioned parameters count their full size."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", None) or p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable

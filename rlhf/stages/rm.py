@@ -1,0 +1,129 @@
+"""Step 2: reward model.
+
+A base transformer with a scalar value head trained with the pairwise ranking loss
+``-log sigmoid(r_chosen - r_rejected)`` on the step-2 share of the preference data: over the
+tokens where the two answers diverge (DeepSpeed-Chat, ``rm.loss_mode=divergent``) or on the final
+scores only (``last``). Scores are read at the last real token of each sequence.
+
+Steps:
+  1. start the run (ranks, seed, tracking);
+  2. data: step-2 share of pairs, tokenised (identical pairs dropped and counted), loaders;
+  3. model: reward model (dropout, gradient checkpointing, LoRA on the base), DeepSpeed engine;
+  4. train with the shared loop; accuracy / chosen / rejected / margin on the eval pairs;
+  5. save base + value head, write summary.json.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+
+from rlhf.stages import common
+
+
+def pair_scores(model, batch, loss_mode: str):
+    """Loss and per-sequence end scores for a [2B, T] chosen-then-rejected batch (right padded)."""
+    from rlhf.algos.ranking import divergent_pairwise_loss, pairwise_loss
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    values = model(input_ids=ids, attention_mask=mask)  # [2B, T]
+    b = ids.shape[0] // 2
+    if loss_mode == "divergent":
+        # Padding marked by a sentinel id, so a pad id shared with eos/unk cannot end a sequence early.
+        marked = ids.masked_fill(mask == 0, -1)
+        loss, chosen, rejected = divergent_pairwise_loss(values[:b], values[b:], marked[:b], marked[b:],
+                                                         pad_id=-1, prompt_len=batch.get("prompt_len"))
+        return loss, chosen, rejected
+    if loss_mode != "last":
+        raise ValueError(f"rm.loss_mode must be 'divergent' or 'last', got '{loss_mode}'")
+    last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)  # last real token, right padding
+    scores = values.gather(1, last.unsqueeze(1)).squeeze(1)
+    return pairwise_loss(scores[:b], scores[b:]), scores[:b], scores[b:]
+
+
+def run(cfg, run_dir=None) -> Dict[str, Any]:
+    from rlhf.algos.ranking import ranking_metrics
+    from rlhf.data.blend import build_step_data
+    from rlhf.data.collate import PairCollator
+    from rlhf.data.tokenize import tokenize_pairs
+    from rlhf.engine.setup import build_train_engine
+    from rlhf.engine.trainer import LoopSpec, fit, make_loader, total_steps
+    from rlhf.models.load import count_params
+    from rlhf.models.lora import apply_lora
+    from rlhf.models.reward import load_reward_model, save_reward_model
+
+    sec = cfg.rm
+    # 1. start
+    ctx = common.start(cfg, "rm", run_dir)
+    # 2. data
+    path = common.model_path(ctx, sec.init_from)
+    tokenizer = common.load_tokenizer(ctx, path)
+    if tokenizer.padding_side != "right":
+        raise ValueError(f"the reward model reads scores with right padding; family '{cfg.model.family}' "
+                         f"pads on the {tokenizer.padding_side}")
+    data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
+    train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed))
+    train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
+    eval_ds, _ = tokenize_pairs(eval_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
+    collate = PairCollator(tokenizer.pad_token_id, tokenizer.padding_side)
+    loader = make_loader(train_ds, sec.micro_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed))
+    eval_loader = make_loader(eval_ds, sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed),
+                              shuffle=False)
+    spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum)
+    n_steps = total_steps(len(loader), spec)
+    # 3. model and engine
+    init = "pretrained" if cfg.model.init == "tiny" or path != cfg.model.path else None
+    model = load_reward_model(cfg.model, path, dtype=ctx.dtype, disable_dropout=sec.disable_dropout, init=init)
+    if sec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora.rank > 0:
+        model.base = apply_lora(model.base, cfg.lora, common.family(ctx))
+    n_params, n_trainable = count_params(model)
+    groups = common.param_groups(ctx, model, sec.lr, sec.weight_decay)
+    engine = build_train_engine(model, groups, common.optim_spec(sec, n_steps, ctx.world), cfg.zero,
+                                cfg.hardware, ctx.world)
+
+    def step_fn(batch):
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        loss, chosen, rejected = pair_scores(engine, batch, sec.loss_mode)
+        return loss, {"acc": float((chosen > rejected).float().mean())}
+
+    @torch.no_grad()
+    def evaluate() -> Dict[str, float]:
+        was = engine.module.training
+        engine.eval()
+        chosen, rejected = [], []
+        for batch in eval_loader:
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            _, c, r = pair_scores(engine, batch, sec.loss_mode)
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        engine.train(was)
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        if dist.is_initialized() and ctx.world > 1:
+            c, r = _gather(c), _gather(r)
+        return {k: float(v) for k, v in ranking_metrics(c, r).items()}
+
+    # 4. train
+    initial = evaluate()
+    ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items()}, step=0)
+    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker)
+    # 5. save and summarise
+    model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model", save=save_reward_model)
+    return common.finish(ctx, {
+        "stage": "rm", "model_dir": str(model_dir),
+        "acc": metrics["acc"], "chosen_mean": metrics["chosen_mean"], "rejected_mean": metrics["rejected_mean"],
+        "margin_mean": metrics["margin_mean"], "acc_initial": initial["acc"],
+        "final_train_loss": metrics["final_train_loss"], "steps": metrics["steps"],
+        "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
+        "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
+        "params": n_params, "trainable_params": n_trainable, "train_pairs": len(train_ds),
+        "dropped_pairs": train_stats.get("dropped", 0), "objective": metrics["acc"],
+    })
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
