@@ -141,9 +141,9 @@ def load_unsupervised(path, cache_dir, *, demo_size: int = 2000):
     cache_dir = Path(cache_dir)
     hf_cache = str(cache_dir / "hf")
     if str(path) == "demo":
-        from rlhf.data.demo import make_demo
+        from rlhf.data.demo import default_root, make_demo
 
-        path = make_demo(cache_dir / "demo", size=demo_size)["pretrain"]
+        path = make_demo(default_root(cache_dir, demo_size), size=demo_size)["pretrain"]
     p = Path(path).expanduser()
     if p.is_file() or p.is_dir():
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*.txt") if f.is_file())

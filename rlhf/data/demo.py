@@ -325,3 +325,8 @@ def read_rows(path: str | Path) -> list[dict]:
     """The JSON list written by :func:`make_demo` (for inspection and tests)."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
+
+
+def default_root(cache_dir, size: int) -> Path:
+    """Where the demo of ``size`` pairs is generated under a cache dir (one folder per size)."""
+    return Path(cache_dir) / "demo" / f"n{size}"

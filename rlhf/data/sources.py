@@ -218,11 +218,11 @@ def empty_rows(source_or_columns) -> "datasets.Dataset":  # noqa: F821
 
 
 def _demo_location(source: Source, path: str | None, cache_dir: Path, demo_size: int) -> Path:
-    from rlhf.data.demo import make_demo
+    from rlhf.data.demo import default_root, make_demo
 
     sub = "pairs" if source.kind == "pairs" else "sft"
     if path is None:
-        return make_demo(cache_dir / "demo", size=demo_size)[sub]
+        return make_demo(default_root(cache_dir, demo_size), size=demo_size)[sub]
     p = Path(path).expanduser()
     if (p / sub / "train.json").exists():
         return p / sub

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")
-_BUILD_VERSION = 1  # bump when the build procedure changes: invalidates every cached tiny model
+_BUILD_VERSION = 2  # bump when the build procedure changes: invalidates every cached tiny model
 
 TINY_SPECS: dict[str, dict] = {
     "tiny-opt": {
@@ -71,7 +71,12 @@ def build_tokenizer(out_dir: str | Path, texts: Iterable[str], vocab_size: int =
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits split one per token (as Llama's tokenizer does): number facts such as parity or a
+    # successor then depend on digit tokens the model can generalise over, not on memorised ids.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
