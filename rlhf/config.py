@@ -200,8 +200,25 @@ class CriticConfig:
 
 
 @dataclass
+class PipelineConfig:
+    steps: List[int] = field(default_factory=lambda: [1, 2, 3])  # which steps to run (1 sft, 2 rm, 3 ppo/dpo)
+    algo: str = "ppo"  # ppo (SFT -> RM -> PPO) | dpo (SFT -> DPO)
+
+
+@dataclass
+class ChatConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.8
+    top_k: int = 10
+    top_p: float = 1.0
+    max_history_tokens: int = 1024  # older turns are dropped beyond this
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING  # key of rlhf.stages.STAGES
+    inline: bool = False  # run in the launching process whatever the hardware (plan: nothing to distribute)
 
 
 @dataclass
@@ -212,9 +229,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """sbatch settings for hardware.launcher=slurm (one Slurm job, one task per rank)."""
+
+    partition: Optional[str] = None  # --partition; None = the cluster default
+    account: Optional[str] = None  # --account
+    time_min: int = 240  # --time limit in minutes
+    cpus_per_task: int = 8  # --cpus-per-task (data loading, CPU Adam with offload)
+    extra: List[str] = field(default_factory=list)  # more '#SBATCH' options, e.g. ["--qos=high"]
+    wait: bool = True  # sbatch --wait: the run (or sweep job) ends when the Slurm job ends
+
+
+@dataclass
 class LaunchConfig:
     dry_run: bool = False  # print the command(s) that would start the ranks, start nothing
     omp_threads: int = 0  # threads per CPU rank; 0 = cores / ranks
+    isolate_jobs: bool = True  # multirun: each job in its own process (own memory peaks, failures contained)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # hardware.launcher=slurm
+
+
+@dataclass
+class PlanConfig:
+    """The memory planner (rlhf/engine/memory.py): stage=plan and the check every stage runs."""
+
+    memory_fraction: float = 0.9  # share of GPU/host memory model states may use (rest: activations)
+    check: bool = True  # training stages stop at start when the setting cannot fit
 
 
 @dataclass
@@ -233,8 +272,11 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 1234
     resume: Optional[str] = None  # auto | <checkpoint path>
     run_dir: str = ""  # "" = Hydra's output dir for this job

@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
-_VERSION = 1  # bump when the generated files change: invalidates make_demo's idempotency check
+_VERSION = 2  # bump when the generated files change: invalidates make_demo's idempotency check
 
 ADD_RANGE = range(10)
 NUM_RANGE = range(100)
@@ -110,6 +110,11 @@ def _correct(task: str, ops: tuple[int, ...]) -> str:
     return f" It is {v}." if task == "parity" else f" The answer is {v}."
 
 
+# Answers with the value left out: without them in the rejected set a reward model never learns
+# that the number itself is required, and PPO finds that hole at once.
+_TRUNCATED = (" The answer is.", " It is.", ".", " The answer is", " It")
+
+
 def _wrong(task: str, ops: tuple[int, ...], rng: random.Random, kind: str) -> str:
     """A rule-failing answer. kind: value (wrong number/parity), spray (wrong first, right later,
     or both parities), offformat (no answer at all)."""
@@ -120,11 +125,11 @@ def _wrong(task: str, ops: tuple[int, ...], rng: random.Random, kind: str) -> st
             return f" It is {other}."
         if kind == "spray":
             return rng.choice([f" It is {other} or {v}.", f" It is {v} or {other}."])
-        return rng.choice([" I do not know.", " It is a number.", f" It is {ops[0]}."])
+        return rng.choice([" I do not know.", " It is a number.", f" It is {ops[0]}.", *_TRUNCATED])
     if kind in ("value", "spray"):
         w = v + rng.choice([d for d in range(-3, 4) if d != 0 and v + d >= 0])
         return f" The answer is {w}." if kind == "value" else f" The answer is {w} or {v}."
-    return rng.choice([" I do not know.", " The answer is a number.", " Let me think."])
+    return rng.choice([" I do not know.", " The answer is a number.", " Let me think.", *_TRUNCATED])
 
 
 def _answer_forms(task: str, ops: tuple[int, ...]) -> list[str]:

@@ -133,9 +133,7 @@ def build_train_engine(
     import deepspeed
 
     if stage is not None and stage != zero.stage:
-        from dataclasses import replace
-
-        zero = replace(zero, stage=stage, offload_param=zero.offload_param and stage == 3)
+        zero = with_stage(zero, stage)
     ds_cfg = build_ds_config(
         zero,
         hardware,
@@ -160,15 +158,25 @@ def build_eval_engine(model, zero: ZeroConfig, hardware: HardwareConfig, world_s
     model.requires_grad_(False)
     if stage != 3:
         return model.to(device_for(hardware)).eval()
-    from dataclasses import replace
-
     ds_cfg = build_ds_config(
-        replace(zero, stage=3, offload_optimizer=False), hardware,
+        with_stage(zero, 3, offload_optimizer=False), hardware,
         micro_batch_size=micro_batch_size, world_size=world_size, stage=3, train=False, offload=offload,
     )
     engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
     engine.module.eval()
     return engine
+
+
+def with_stage(zero, stage: int, **changes) -> ZeroConfig:
+    """A copy of the zero group (dataclass or DictConfig) with another stage; parameter offload
+    only survives on stage 3."""
+    from dataclasses import is_dataclass, replace
+
+    from omegaconf import OmegaConf
+
+    if not is_dataclass(zero):
+        zero = OmegaConf.to_object(zero)
+    return replace(zero, stage=stage, offload_param=zero.offload_param and stage == 3, **changes)
 
 
 def is_zero3(module: torch.nn.Module) -> bool:

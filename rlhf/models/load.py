@@ -28,31 +28,33 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith(("/", "./", "../", "~")) or s.count("/") > 1
 
 
-def resolve_path(model_cfg: ModelConfig, cache_dir: str | Path) -> str:
+def resolve_path(model_cfg: ModelConfig, cache_dir: str | Path, key: str = "model") -> str:
     """Where to load ``model_cfg`` from: a local directory or a hub id.
 
     init=tiny: builds (or reuses) the tiny model ``model.path`` under ``<cache_dir>/models``.
     Otherwise an existing local path must be a directory with config.json and weights
     (``*.safetensors``; ``*.bin``/``*.pt`` only with ``model.allow_pickle=true``; init=random needs
     only config.json). A string that is not an existing path is returned as a hub id, unless it is
-    clearly a filesystem path (starts with / ./ ../ ~), which is a FileNotFoundError.
+    clearly a filesystem path (starts with / ./ ../ ~), which is a FileNotFoundError. A tiny model
+    whose path was pointed at a directory (e.g. ``actor.path=<step-1 output>``) loads that directory.
+    ``key`` names the config group in error messages (model, actor, reward).
     """
     path = str(model_cfg.path)
-    if model_cfg.init == "tiny":
+    if model_cfg.init == "tiny" and not Path(path).expanduser().is_dir():
         from rlhf.models.tiny import build_tiny
 
         return str(build_tiny(path, Path(cache_dir) / "models"))
-    if model_cfg.init not in ("pretrained", "random"):
-        raise ValueError(f"model.init={model_cfg.init!r}: expected pretrained, random or tiny")
+    if model_cfg.init not in ("pretrained", "random", "tiny"):
+        raise ValueError(f"{key}.init={model_cfg.init!r}: expected pretrained, random or tiny")
     local = Path(os.path.expanduser(path))
     if not local.exists():
         if _looks_like_path(path):
-            raise FileNotFoundError(f"model.path={path!r} does not exist (a local directory was expected)")
+            raise FileNotFoundError(f"{key}.path={path!r} does not exist (a local directory was expected)")
         return path  # hub id, resolved by from_pretrained
     if not local.is_dir():
-        raise ValueError(f"model.path={path!r} is a file; expected an HF model directory with config.json")
+        raise ValueError(f"{key}.path={path!r} is a file; expected an HF model directory with config.json")
     if not (local / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={path!r} has no config.json: not an HF model directory")
+        raise FileNotFoundError(f"{key}.path={path!r} has no config.json: not an HF model directory")
     if model_cfg.init == "random":
         return str(local)
     files = [p.name for p in local.iterdir() if p.is_file()]
@@ -63,12 +65,12 @@ def resolve_path(model_cfg: ModelConfig, cache_dir: str | Path) -> str:
         return str(local)
     if pickled:
         raise ValueError(
-            f"model.path={path!r} holds only pickle weights ({', '.join(sorted(pickled))}); loading them can run "
-            "arbitrary code. Convert them to safetensors, or set model.allow_pickle=true if you trust the source."
+            f"{key}.path={path!r} holds only pickle weights ({', '.join(sorted(pickled))}); loading them can run "
+            f"arbitrary code. Convert them to safetensors, or set {key}.allow_pickle=true if you trust the source."
         )
     raise FileNotFoundError(
-        f"model.path={path!r} has config.json but no weights (*.safetensors); "
-        "use model.init=random for a randomly initialised model of this shape"
+        f"{key}.path={path!r} has config.json but no weights (*.safetensors); "
+        f"use {key}.init=random for a randomly initialised model of this shape"
     )
 
 

@@ -8,6 +8,11 @@ from typing import Any, Callable, Dict
 STAGES: Dict[str, str] = {
     "sft": "rlhf.stages.sft:run",
     "rm": "rlhf.stages.rm:run",
+    "ppo": "rlhf.stages.ppo:run",
+    "pipeline": "rlhf.stages.pipeline:run",
+    "chat": "rlhf.stages.chat:run",
+    "plan": "rlhf.stages.plan:run",
+    "dpo": "rlhf.stages.dpo:run",
 }
 
 

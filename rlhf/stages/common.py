@@ -65,8 +65,9 @@ def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def model_path(ctx: Context, init_from: Optional[str]) -> str:
-    """The checkpoint a stage starts from: ``<stage>.init_from`` if set, else ``model.path``."""
+def model_path(ctx: Context, init_from: Optional[str], model_cfg=None) -> str:
+    """The checkpoint a stage starts from: ``<stage>.init_from`` if set, else the path of
+    ``model_cfg`` (default ``cfg.model``; DPO passes ``cfg.actor``)."""
     from rlhf.models.load import resolve_path
 
     if init_from:
@@ -74,32 +75,35 @@ def model_path(ctx: Context, init_from: Optional[str]) -> str:
         if not p.exists():
             raise FileNotFoundError(f"init_from={init_from}: no such directory")
         return str(p)
-    return resolve_path(ctx.cfg.model, ctx.cache_dir / "models")
+    return resolve_path(model_cfg or ctx.cfg.model, ctx.cache_dir / "models")
 
 
-def family(ctx: Context) -> Family:
-    return get_family(ctx.cfg.model.family)
+def family(ctx: Context, model_cfg=None) -> Family:
+    return get_family((model_cfg or ctx.cfg.model).family)
 
 
-def load_tokenizer(ctx: Context, path: str):
+def load_tokenizer(ctx: Context, path: str, model_cfg=None):
     from rlhf.models.load import load_tokenizer as _load
 
-    return _load(path, family(ctx), trust_remote_code=ctx.cfg.model.trust_remote_code)
+    model_cfg = model_cfg or ctx.cfg.model
+    return _load(path, family(ctx, model_cfg), trust_remote_code=model_cfg.trust_remote_code)
 
 
 def load_policy(ctx: Context, path: str, *, disable_dropout: bool, gradient_checkpointing: bool,
-                lora: bool = True):
-    """A causal LM ready to train: dropout as asked, gradient checkpointing, LoRA from ``lora.*``."""
+                lora: bool = True, model_cfg=None):
+    """A causal LM ready to train: dropout as asked, gradient checkpointing, LoRA from ``lora.*``.
+    ``model_cfg`` defaults to ``cfg.model`` (DPO passes ``cfg.actor``)."""
     from rlhf.models.load import load_causal_lm
     from rlhf.models.lora import apply_lora
 
-    init = "pretrained" if ctx.cfg.model.init == "tiny" or path != ctx.cfg.model.path else None
-    model = load_causal_lm(ctx.cfg.model, path, dtype=ctx.dtype, disable_dropout=disable_dropout, init=init)
+    model_cfg = model_cfg or ctx.cfg.model
+    init = "pretrained" if model_cfg.init == "tiny" or path != model_cfg.path else None
+    model = load_causal_lm(model_cfg, path, dtype=ctx.dtype, disable_dropout=disable_dropout, init=init)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora and ctx.cfg.lora.rank > 0:
-        model = apply_lora(model, ctx.cfg.lora, family(ctx))
+        model = apply_lora(model, ctx.cfg.lora, family(ctx, model_cfg))
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model

@@ -1,0 +1,574 @@
+"""Memory planner: model states per GPU and per node for every ZeRO stage and offload choice.
+
+Nothing is allocated: parameter counts come from ``model.params_b``, or from a meta-device build of
+``model.arch`` (or of the tiny model's config), which also gives the largest layer (ZeRO-3 gathers
+one at a time) and the LoRA adapter size. Model states = weights, gradients, optimizer states;
+activations, the KV cache and fragmentation are what ``plan.memory_fraction`` leaves free.
+
+Bytes per parameter, for P parameters on N GPUs in all (G per node, M nodes), w = 2 for 16-bit
+weights (fp16/bf16) or 4 for fp32, Adam, b = 1.5 (DeepSpeed's ``additional_buffer_factor``),
+L = parameters of the largest layer. Trained parameters (DeepSpeed keeps fp32 master weights 4,
+fp32 gradients 4 and Adam's two moments 8 = 16 bytes of optimizer-side state per parameter):
+
+    ZeRO-0      GPU  2w + 16 (w = 2: 2 + 2 + 16 = 20)  |  fp32: 4 + 4 + 8 = 16 (no master copy)
+    ZeRO-1      GPU  2w + 16/N                          (weights and gradients replicated)
+    ZeRO-2      GPU  w + (w + 16)/N                     (w = 2: 2 + 18/N, DeepSpeed's estimator)
+      +offload  GPU  w;          host  max(4N, 16) * b  (optimizer and gradients on the CPU)
+    ZeRO-3      GPU  4L + (w + 16)/N                    (w = 2: 4L + 18/N)
+      +opt off  GPU  4L + w/N;   host  max(4G, 16/M) * b
+      +params   GPU  4L;         host  max(4G, (16 + w)/M) * b
+    without offload, host = 4G * b: every rank of a node first loads the full fp32 model.
+
+ZeRO-2/3 with 16-bit weights use DeepSpeed's own estimators
+(``deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`` and
+``stage3.estimate_zero3_model_states_mem_needs`` with ``zero_init=False``: our loaders build the full
+model in every rank before DeepSpeed partitions it); the table above is the same arithmetic,
+extended to ZeRO-0/1 and fp32. Frozen parameters (a LoRA base with ``only_optimize_lora``, step 3's
+reference and reward models) hold weights only: w per GPU, w/N under ZeRO-3 (+4L gather buffer),
+on the host when offloaded. Several models in one step stack on the GPU; on the host each model's
+load peak comes on top of what earlier models keep offloaded.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+GB = 2**30  # GiB, as DeepSpeed's estimators and nvidia-smi report
+BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for host buffers
+OPTIM_BYTES = 16  # fp32 master weights 4 + fp32 gradients 4 + Adam moments 8 (per trained parameter)
+SUGGESTED_LORA = "lora=r128 lora.only_optimize_lora=true"  # DeepSpeed-Chat's single-GPU OPT-13B setting
+
+
+class DoesNotFit(MemoryError):
+    """The chosen setting cannot hold its model states; the message names the smallest change that fits."""
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ZeRO stage x offload choice."""
+
+    stage: int
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    @property
+    def override(self) -> str:
+        """The command-line change selecting it (conf/zero options where one exists)."""
+        if self.offload_param:
+            return f"zero={self.stage}-offload" if self.offload_optimizer else \
+                f"zero={self.stage} zero.offload_param=true"
+        if self.offload_optimizer:
+            return "zero=2-offload" if self.stage == 2 else f"zero={self.stage} zero.offload_optimizer=true"
+        return f"zero={self.stage}"
+
+
+# every choice, cheapest in speed first (suggestions take the first that fits)
+SETTINGS: List[Setting] = [Setting(0), Setting(1), Setting(2), Setting(3), Setting(2, True),
+                           Setting(3, True), Setting(3, True, True)]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the planner needs of one model."""
+
+    name: str
+    params: int  # total parameters
+    largest_layer: int = 0  # parameters of the largest module (0 = unknown)
+    lora_per_rank: int = 0  # LoRA parameters per unit of rank on the family's targets (0 = unknown)
+    source: str = "params_b"  # params_b | arch | tiny | local
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Plain values of a hardware profile (plus the weight precision)."""
+
+    name: str
+    nodes: int
+    gpus_per_node: int
+    gpu_gb: float  # per device; 0 = no GPU (or unknown): check host memory only
+    host_gb: float  # per node
+    weight_bytes: int  # 2 (fp16/bf16) or 4 (fp32)
+    on_gpu: bool = True
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Role:
+    """One model of a step: trained or frozen, its LoRA and (step 3) its own ZeRO stage."""
+
+    name: str  # model | actor | critic | reference | reward | policy
+    shape: Shape
+    trained: bool
+    lora_rank: int = 0
+    only_lora: bool = False
+    stage: Optional[int] = None  # None = the setting's stage
+    offload: Optional[bool] = None  # frozen models: offload their weights (None = the setting's offload_param)
+
+
+@dataclass
+class Estimate:
+    """Bytes of one model (or one step): per GPU, and per node on the host."""
+
+    gpu: float = 0.0
+    host_load: float = 0.0  # transient: ranks loading the model before DeepSpeed shards it
+    host_states: float = 0.0  # kept: offloaded optimizer states / parameters
+
+    @property
+    def host(self) -> float:
+        return max(self.host_load, self.host_states)
+
+    def __add__(self, other: "Estimate") -> "Estimate":
+        return Estimate(self.gpu + other.gpu, self.host_load + other.host_load, self.host_states + other.host_states)
+
+
+# ---------------------------------------------------------------- formulas
+
+
+def _deepspeed_gpu_bytes(params: int, stage: int, offload_optimizer: bool, offload_param: bool,
+                         largest_layer: int, gpus_per_node: int, nodes: int) -> Optional[float]:
+    """DeepSpeed's estimator (16-bit weights, ZeRO-2/3) for the GPU bytes; None where it has none."""
+    try:
+        if stage == 2:
+            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+            _, gpu = estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=offload_optimizer,
+                                                           additional_buffer_factor=BUFFER)
+            return float(gpu)
+        if stage == 3:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+            _, gpu, _ = estimate_zero3_model_states_mem_needs(
+                params, largest_layer, gpus_per_node, nodes, cpu_offload=offload_optimizer,
+                cpu_offload_params=offload_param, zero_init=False, additional_buffer_factor=BUFFER)
+            return float(gpu)
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return None
+    return None
+
+
+def trained_states(params: int, *, stage: int, offload_optimizer: bool = False, offload_param: bool = False,
+                   gpus_per_node: int = 1, nodes: int = 1, largest_layer: int = 0, weight_bytes: int = 2) -> Estimate:
+    """Model states of ``params`` trained parameters (Adam) under one ZeRO setting (module docstring)."""
+    w, n, g, m, p = weight_bytes, gpus_per_node * nodes, gpus_per_node, nodes, float(params)
+    if stage == 0:
+        gpu = p * (2 * w + (OPTIM_BYTES if w == 2 else 8))
+    elif stage in (1, 2):
+        replicated_grads = w if stage == 1 else 0  # ZeRO-1 keeps full gradients, ZeRO-2 a 1/N share
+        gpu = p * (w + replicated_grads) if offload_optimizer else \
+            p * (w + replicated_grads) + p * (OPTIM_BYTES + (w if stage == 2 else 0)) / n
+    elif stage == 3:  # a gather buffer for the largest layer + this rank's share of what stays on the GPU
+        gpu = 4.0 * largest_layer + p * ((0 if offload_param else w) + (0 if offload_optimizer else OPTIM_BYTES)) / n
+    else:
+        raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+    if w == 2 and stage in (2, 3) and not (offload_param and not offload_optimizer):
+        ds = _deepspeed_gpu_bytes(params, stage, offload_optimizer, offload_param, largest_layer, g, m)
+        gpu = ds if ds is not None else gpu
+    load = p * 4 * g * BUFFER  # every rank of a node loads the fp32 model first (no zero.Init)
+    states = 0.0
+    if offload_optimizer and stage in (1, 2):
+        load = p * 4 * n * BUFFER  # DeepSpeed's ZeRO-2 offload estimate counts all GPUs here
+        states = p * OPTIM_BYTES * BUFFER
+    elif stage == 3 and (offload_optimizer or offload_param):
+        states = p * ((OPTIM_BYTES if offload_optimizer else 0) + (w if offload_param else 0)) / m * BUFFER
+    return Estimate(gpu=gpu, host_load=load, host_states=states)
+
+
+def frozen_states(params: int, *, stage: int, offload: bool = False, gpus_per_node: int = 1, nodes: int = 1,
+                  largest_layer: int = 0, weight_bytes: int = 2) -> Estimate:
+    """Weights only (inference): replicated under ZeRO 0-2, sharded (+ a gather buffer) under ZeRO-3."""
+    w, n, p = weight_bytes, gpus_per_node * nodes, float(params)
+    load = p * 4 * gpus_per_node * BUFFER
+    if stage != 3:
+        return Estimate(gpu=p * w, host_load=load)
+    if offload:
+        return Estimate(gpu=4.0 * largest_layer, host_load=load, host_states=p * w / nodes * BUFFER)
+    return Estimate(gpu=4.0 * largest_layer + p * w / n, host_load=load)
+
+
+def role_states(role: Role, setting: Setting, machine: Machine) -> Estimate:
+    """One model of a step: the trained part (all, or the LoRA adapters) plus the frozen part."""
+    stage = setting.stage if role.stage is None else role.stage
+    kw = dict(gpus_per_node=machine.gpus_per_node, nodes=machine.nodes, weight_bytes=machine.weight_bytes)
+    shape = role.shape
+    if not role.trained:
+        offload = setting.offload_param if role.offload is None else role.offload
+        return frozen_states(shape.params, stage=stage, offload=offload and stage == 3,
+                             largest_layer=shape.largest_layer, **kw)
+    adapters = role.lora_rank * shape.lora_per_rank if role.lora_rank > 0 else 0
+    if role.lora_rank > 0 and not shape.lora_per_rank:
+        adapters = 0  # unknown adapter size: count the model as fully trained (conservative)
+    only_lora = role.only_lora and adapters > 0
+    trained = adapters if only_lora else shape.params + adapters
+    est = trained_states(trained, stage=stage, offload_optimizer=setting.offload_optimizer and stage > 0,
+                         offload_param=setting.offload_param and stage == 3, largest_layer=shape.largest_layer,
+                         **kw)
+    if only_lora:  # the frozen base: weights only, no second gather buffer
+        est = est + frozen_states(shape.params, stage=stage, offload=setting.offload_param and stage == 3, **kw)
+    return est
+
+
+def step_states(roles: List[Role], setting: Setting, machine: Machine) -> Tuple[Estimate, List[Estimate]]:
+    """All models of one step: GPU bytes add up; host peak = max over loads of (kept so far + that load)."""
+    parts = [role_states(r, setting, machine) for r in roles]
+    kept, host_peak = 0.0, 0.0
+    for e in parts:
+        host_peak = max(host_peak, kept + e.host)
+        kept += e.host_states
+    total = Estimate(gpu=sum(e.gpu for e in parts), host_load=host_peak, host_states=kept)
+    return total, parts
+
+
+def need(total: Estimate, machine: Machine) -> Tuple[float, float]:
+    """(bytes per GPU, bytes of host memory per node); on a CPU profile every rank's states are host memory."""
+    if machine.on_gpu:
+        return total.gpu, total.host
+    return 0.0, total.gpu * machine.gpus_per_node + total.host_states
+
+
+def fits(gpu_bytes: float, host_bytes: float, machine: Machine, fraction: float) -> Tuple[bool, bool]:
+    """(GPU fits, host fits) within ``fraction`` of the profile's memory; an unknown size (0) always fits."""
+    gpu_ok = not machine.on_gpu or machine.gpu_gb <= 0 or gpu_bytes <= machine.gpu_gb * GB * fraction
+    host_ok = machine.host_gb <= 0 or host_bytes <= machine.host_gb * GB * fraction
+    return gpu_ok, host_ok
+
+
+# ---------------------------------------------------------------- model shapes
+
+
+def _hf_config(model_cfg, cache_dir: Optional[str]):
+    """The model's transformers config without downloading anything, or None when it cannot be had."""
+    from transformers import AutoConfig
+
+    from rlhf.models.families import get_family
+
+    family = get_family(model_cfg.family)
+    if model_cfg.init == "tiny":
+        from rlhf.models.load import resolve_path
+
+        return AutoConfig.from_pretrained(resolve_path(model_cfg, Path(cache_dir or ".cache") / "models"))
+    if family.needs_remote_code:
+        return None  # building custom code is not planning: use model.params_b
+    if model_cfg.arch:
+        return AutoConfig.for_model(family.model_types[0], **dict(model_cfg.arch))
+    local = Path(str(model_cfg.path)).expanduser()
+    if (local / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(local))
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def _count_meta(config_json: str, targets: Tuple[str, ...]) -> Tuple[int, int, int]:
+    """(params, largest layer, LoRA params per rank) of a model built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = json.loads(config_json)
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
+    return int(total), int(largest), int(per_rank)
+
+
+def model_shape(model_cfg, cache_dir: Optional[str] = None, lora_targets: Optional[List[str]] = None) -> Shape:
+    """Parameter count of ``model_cfg``: ``params_b`` if set, else counted from its architecture."""
+    from rlhf.models.families import get_family
+
+    targets = tuple(lora_targets or get_family(model_cfg.family).lora_targets)
+    config = _hf_config(model_cfg, cache_dir)
+    if config is None:
+        if not model_cfg.params_b:
+            raise ValueError(f"model {model_cfg.name}: set model.params_b (or model.arch) so the planner knows its size")
+        return Shape(model_cfg.name, int(model_cfg.params_b * 1e9))
+    total, largest, per_rank = _count_meta(config.to_json_string(use_diff=False), targets)
+    source = "tiny" if model_cfg.init == "tiny" else ("arch" if model_cfg.arch else "local")
+    if model_cfg.params_b:
+        total, source = int(model_cfg.params_b * 1e9), "params_b"
+    return Shape(model_cfg.name, total, largest, per_rank, source)
+
+
+# ---------------------------------------------------------------- the plan of a run
+
+
+@dataclass
+class Scenario:
+    """What a plan varies: the ZeRO setting, LoRA, the reference offload and the machine."""
+
+    setting: Setting
+    lora_rank: int
+    only_lora: bool
+    offload_reference: bool
+    critic_lora: bool
+    machine: Machine
+    changes: List[str] = field(default_factory=list)  # command-line changes from the run's own config
+    role_zero: bool = True  # honour ppo.actor_zero / critic_zero (not once the plan picks the setting)
+
+
+def _machine(cfg, nodes: Optional[int] = None, procs: Optional[int] = None) -> Machine:
+    hw = cfg.hardware
+    dtype = hw.precision if cfg.model.dtype == "auto" else cfg.model.dtype
+    return Machine(hw.name, int(nodes or hw.nodes), int(procs or hw.procs_per_node), float(hw.gpu_memory_gb),
+                   float(hw.host_memory_gb), 4 if dtype == "fp32" else 2, hw.accelerator != "cpu")
+
+
+def _step1(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
+    return ("step 1 (sft)", [Role(model_key, shape(model_key), True, sc.lora_rank, sc.only_lora)])
+
+
+def _step2(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
+    return ("step 2 (rm)", [Role("reward", shape(model_key), True, sc.lora_rank, sc.only_lora)])
+
+
+def _step3(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
+    """DeepSpeed-Chat's four models; frozen ones use ZeRO-3 when their trained twin does, else ZeRO-0."""
+    ppo = cfg.ppo
+    actor_stage = ppo.actor_zero if (ppo.actor_zero is not None and sc.role_zero) else sc.setting.stage
+    critic_stage = ppo.critic_zero if (ppo.critic_zero is not None and sc.role_zero) else sc.setting.stage
+    actor_lora = sc.lora_rank if ppo.actor_lora else 0
+    critic_lora = sc.lora_rank if (ppo.critic_lora or sc.critic_lora) else 0
+    return ("step 3 (ppo)", [
+        Role("actor", shape("actor"), True, actor_lora, sc.only_lora, actor_stage),
+        Role("critic", shape("reward"), True, critic_lora, sc.only_lora, critic_stage),
+        Role("reference", shape("actor"), False, stage=3 if actor_stage == 3 else 0,
+             offload=sc.offload_reference or None),
+        Role("reward", shape("reward"), False, stage=3 if critic_stage == 3 else 0),
+    ])
+
+
+def _dpo(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
+    roles = [Role("policy", shape("model"), True, sc.lora_rank, sc.only_lora)]
+    if not cfg.dpo.precompute_ref:
+        roles.append(Role("reference", shape("model"), False))
+    return ("dpo", roles)
+
+
+def _inference(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
+    return ("inference", [Role("model", shape("model"), False)])
+
+
+# stage name -> the steps (each a list of models) whose memory the stage needs; unlisted: inference
+STAGE_STEPS: Dict[str, Callable[..., List[Tuple[str, List[Role]]]]] = {
+    "sft": lambda cfg, shape, sc: [_step1(cfg, shape, sc)],
+    "pretrain": lambda cfg, shape, sc: [("pretrain", _step1(cfg, shape, sc)[1])],
+    "rm": lambda cfg, shape, sc: [_step2(cfg, shape, sc)],
+    "ppo": lambda cfg, shape, sc: [_step3(cfg, shape, sc)],
+    "dpo": lambda cfg, shape, sc: [_dpo(cfg, shape, sc)],
+    "pipeline": lambda cfg, shape, sc: [_step1(cfg, shape, sc, "actor"), _step2(cfg, shape, sc, "reward"),
+                                        _step3(cfg, shape, sc)],
+    "plan": lambda cfg, shape, sc: [_step1(cfg, shape, sc, "actor"), _step2(cfg, shape, sc, "reward"),
+                                    _step3(cfg, shape, sc)],
+}
+
+
+@dataclass
+class StepResult:
+    title: str
+    gpu_gb: float  # per GPU
+    host_gb: float  # per node
+    gpu_fits: bool
+    host_fits: bool
+    models: Dict[str, Dict[str, float]]  # role -> {"gpu_gb", "host_gb"}
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_fits and self.host_fits
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    steps: List[StepResult]
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.steps)
+
+
+class Planner:
+    """Evaluates scenarios of one run's config (shapes are counted once)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.stage = str(cfg.stage.name)
+        self._shapes: Dict[str, Shape] = {}
+        self.fraction = float(cfg.plan.memory_fraction)
+
+    def shape(self, key: str) -> Shape:
+        if key not in self._shapes:
+            targets = list(self.cfg.lora.target_modules) or None
+            self._shapes[key] = model_shape(self.cfg[key], self.cfg.cache_dir or None, targets)
+        return self._shapes[key]
+
+    def current(self) -> Scenario:
+        z, lora = self.cfg.zero, self.cfg.lora
+        return Scenario(Setting(int(z.stage), bool(z.offload_optimizer), bool(z.offload_param)), int(lora.rank),
+                        bool(lora.only_optimize_lora), bool(self.cfg.ppo.offload_reference), False, _machine(self.cfg))
+
+    def evaluate(self, sc: Scenario) -> Outcome:
+        steps_fn = STAGE_STEPS.get(self.stage, lambda cfg, shape, s: [_inference(cfg, shape, s)])
+        results = []
+        for title, roles in steps_fn(self.cfg, self.shape, sc):
+            total, parts = step_states(roles, sc.setting, sc.machine)
+            gpu, host = need(total, sc.machine)
+            models = {}
+            for role, est in zip(roles, parts):
+                g, h = need(est, sc.machine)
+                models[role.name] = {"gpu_gb": g / GB, "host_gb": h / GB}
+            results.append(StepResult(title, gpu / GB, host / GB, *fits(gpu, host, sc.machine, self.fraction), models))
+        return Outcome(sc, results)
+
+    def with_setting(self, sc: Scenario, setting: Setting) -> Scenario:
+        if setting == sc.setting:
+            return sc
+        return replace(sc, setting=setting, changes=[*sc.changes, setting.override], role_zero=False)
+
+    def candidates(self) -> List[Scenario]:
+        """Changes to try, smallest first: the ZeRO setting; the reference offload; LoRA; more GPUs."""
+        base = self.current()
+        others = [s for s in SETTINGS if s != base.setting]
+        out = [self.with_setting(base, s) for s in others]
+        has_step3 = self.stage in ("ppo", "pipeline", "plan")
+        if has_step3 and not base.offload_reference:
+            ref = replace(base, offload_reference=True, changes=["ppo.offload_reference=true"])
+            out += [ref] + [self.with_setting(ref, s) for s in others]
+        if not (base.lora_rank > 0 and base.only_lora):
+            lora = replace(base, lora_rank=128, only_lora=True, critic_lora=has_step3,
+                           changes=[SUGGESTED_LORA + (" ppo.critic_lora=true" if has_step3 else "")])
+            out += [lora] + [self.with_setting(lora, s) for s in others]
+        m = base.machine
+        sizes = [(1, p) for p in (2, 4, 8) if p > m.gpus_per_node] if m.nodes == 1 else []
+        per_node = max(m.gpus_per_node, 8)
+        sizes += [(k, per_node) for k in (2, 4, 8, 16, 32, 64) if k > m.nodes]
+        for nodes, procs in sizes:
+            change = " ".join(c for c in (f"hardware.nodes={nodes}" if nodes != m.nodes else "",
+                                          f"hardware.procs_per_node={procs}" if procs != m.gpus_per_node else "") if c)
+            grown = replace(base, machine=replace(m, nodes=nodes, gpus_per_node=procs), changes=[change])
+            out += [self.with_setting(grown, s) for s in (Setting(3), Setting(3, True), Setting(3, True, True))]
+        return out
+
+    def suggest(self) -> Optional[Outcome]:
+        for sc in self.candidates():
+            outcome = self.evaluate(sc)
+            if outcome.fits:
+                return outcome
+        return None
+
+
+def _describe(cfg) -> str:
+    z = cfg.zero
+    setting = Setting(int(z.stage), bool(z.offload_optimizer), bool(z.offload_param)).override
+    lora = f"lora rank {cfg.lora.rank}{' (adapters only)' if cfg.lora.only_optimize_lora else ''}" \
+        if cfg.lora.rank else "no LoRA"
+    return f"{setting}, {lora}"
+
+
+def make_plan(cfg) -> Dict[str, Any]:
+    """The whole plan of a run as plain data: every setting's needs, the current one, a suggestion."""
+    planner = Planner(cfg)
+    cur = planner.current()
+    current = planner.evaluate(cur)
+    rows = []
+    for s in SETTINGS:
+        o = planner.evaluate(replace(cur, setting=s, role_zero=False))
+        rows.append({"setting": s.override, "fits": o.fits, "steps": [_step_dict(st) for st in o.steps]})
+    suggestion = None if current.fits else planner.suggest()
+    m = cur.machine
+    return {
+        "stage": planner.stage,
+        "hardware": {"name": m.name, "nodes": m.nodes, "gpus_per_node": m.gpus_per_node, "gpu_gb": m.gpu_gb,
+                     "host_gb": m.host_gb, "weight_bytes": m.weight_bytes, "on_gpu": m.on_gpu},
+        "memory_fraction": planner.fraction,
+        "models": {k: asdict(v) for k, v in planner._shapes.items()},
+        "current": {"setting": _describe(cfg), "fits": current.fits,
+                    "steps": [_step_dict(st) for st in current.steps]},
+        "rows": rows,
+        "fits": current.fits,
+        "suggestion": " ".join(suggestion.scenario.changes) if suggestion else None,
+        "suggestion_steps": [_step_dict(st) for st in suggestion.steps] if suggestion else None,
+    }
+
+
+def _step_dict(st: StepResult) -> Dict[str, Any]:
+    return dict(asdict(st), fits=st.fits)
+
+
+def format_plan(plan: Dict[str, Any]) -> str:
+    """The plan as the console/markdown table ``stage=plan`` prints (✗ marks what does not fit)."""
+    hw, frac = plan["hardware"], plan["memory_fraction"]
+    gpu_cap, host_cap = hw["gpu_gb"] * frac, hw["host_gb"] * frac
+    where = (f"{hw['nodes']} node(s) x {hw['gpus_per_node']} GPU(s) of {hw['gpu_gb']:g} GB"
+             if hw["on_gpu"] else f"{hw['nodes']} node(s) x {hw['gpus_per_node']} CPU rank(s)")
+    lines = [f"Memory plan on {hw['name']}: {where}, {hw['host_gb']:g} GB host per node, "
+             f"{'16' if hw['weight_bytes'] == 2 else '32'}-bit weights. Model states only (weights, gradients, "
+             f"optimizer); usable: {frac:g} of each memory"
+             + (f" = {gpu_cap:.1f} GB per GPU, {host_cap:.1f} GB host." if hw["on_gpu"] else f" = {host_cap:.1f} GB host."),
+             ""]
+    for key, s in plan["models"].items():
+        extra = f", largest layer {s['largest_layer'] / 1e6:.1f}M" if s["largest_layer"] else ""
+        lora = f", LoRA {s['lora_per_rank']:,} params per rank" if s["lora_per_rank"] else ""
+        lines.append(f"- {key}: {s['name']}, {s['params'] / 1e9:.3f}B params (from {s['source']}){extra}{lora}")
+
+    def cells(st: Dict[str, Any]) -> List[str]:
+        host = f"{_gb(st['host_gb'])}{'' if st['host_fits'] else ' ✗'}"
+        return [f"{_gb(st['gpu_gb'])}{'' if st['gpu_fits'] else ' ✗'}", host] if hw["on_gpu"] else [host]
+
+    titles = [st["title"] for st in plan["rows"][0]["steps"]]
+    cols = [f"{t} {u}" for t in titles for u in (("GPU GB", "host GB") if hw["on_gpu"] else ("host GB",))]
+    lines += ["", "| setting | " + " | ".join(cols) + " | fits |", "|---" * (len(cols) + 2) + "|"]
+    for row in plan["rows"]:
+        lines.append(f"| {row['setting']} | " + " | ".join(c for st in row["steps"] for c in cells(st))
+                     + f" | {'yes' if row['fits'] else 'no'} |")
+    cur = plan["current"]
+    lines += ["", f"Chosen: {cur['setting']} -> {'fits' if cur['fits'] else 'does NOT fit'}"]
+    for st in cur["steps"]:
+        per = ", ".join(f"{k} {_gb(v['gpu_gb'])} GPU / {_gb(v['host_gb'])} host" if hw["on_gpu"]
+                        else f"{k} {_gb(v['host_gb'])} host" for k, v in st["models"].items())
+        lines.append(f"  {st['title']}: " + " | ".join(cells(st)) + f" GB  ({per})")
+    if not cur["fits"]:
+        lines.append(f"Smallest change that fits: {plan['suggestion']}" if plan["suggestion"] else
+                     "Nothing tried fits (ZeRO/offload, LoRA, up to 64 nodes): use GPUs with more memory.")
+    return "\n".join(lines)
+
+
+def _gb(x: float) -> str:
+    return f"{x:.1f}" if x >= 1 else f"{x:.3f}"
+
+
+def check_fits(cfg) -> None:
+    """Raise ``DoesNotFit`` (with the smallest change that fits) when the run's setting cannot hold its
+    model states; called at the start of every training stage. ``plan.check=false`` skips it. On a CPU
+    profile (gpu_memory_gb 0) only host memory is checked."""
+    if not cfg.plan.check:
+        return
+    planner = Planner(cfg)
+    outcome = planner.evaluate(planner.current())
+    if outcome.fits:
+        return
+    m = outcome.scenario.machine
+    bad = [s for s in outcome.steps if not s.fits]
+    needs = "; ".join(f"{s.title} needs {s.gpu_gb:.1f} GB per GPU and {s.host_gb:.1f} GB host per node"
+                      if m.on_gpu else f"{s.title} needs {s.host_gb:.2f} GB host memory per node" for s in bad)
+    have = (f"{m.gpu_gb * planner.fraction:.1f} of {m.gpu_gb:g} GB per GPU, " if m.on_gpu and m.gpu_gb else "") + \
+        f"{m.host_gb * planner.fraction:.1f} of {m.host_gb:g} GB host usable"
+    suggestion = planner.suggest()
+    advice = (f"smallest change that fits: {' '.join(suggestion.scenario.changes)}" if suggestion else
+              "no ZeRO/offload, LoRA or node count tried fits: use GPUs with more memory")
+    raise DoesNotFit(
+        f"{cfg.model.name} on {m.name} with {_describe(cfg)} does not fit: {needs} ({have}); {advice}. "
+        f"`python run.py stage=plan model={cfg.model.name} hardware={m.name}` prints every option; "
+        "plan.check=false skips this check.")

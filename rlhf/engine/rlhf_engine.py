@@ -1,0 +1,118 @@
+"""The four models of step 3 (and the optional EMA), each with its own ZeRO stage and LoRA setting.
+
+actor (trained, from SFT) behind a HybridEngine; reference (frozen copy of the SFT model, optionally
+offloaded); critic (trained, from the RM); reward (frozen RM). Built from plain values: the model
+groups, the zero/hardware/lora groups and the ppo section.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from rlhf.algos.ema import EMA
+from rlhf.engine.hybrid import HybridEngine, position_ids_from_mask
+from rlhf.engine.setup import OptimSpec, build_eval_engine, build_train_engine, with_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RLHFEngine:
+    actor: Any  # DeepSpeed engine (trained)
+    ref: Any  # frozen module or ZeRO-3 inference engine
+    critic: Any  # DeepSpeed engine (trained)
+    reward: Any  # frozen module or ZeRO-3 inference engine
+    hybrid: HybridEngine
+    tokenizer: Any
+    ema: Optional[EMA] = None  # rank 0 only
+    ema_on: bool = False
+
+    def update_ema(self) -> None:
+        """EMA step over the merged actor weights (every rank joins the ZeRO-3 gather)."""
+        if not self.ema_on:
+            return
+        state = self.hybrid.full_state()
+        if self.ema is not None:
+            self.ema.update((k, v) for k, v in state.items() if v.is_floating_point())
+
+
+def _module(m):
+    return m.module if hasattr(m, "module") else m
+
+
+def policy_logprobs(model, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] sequences -> [B, T-1] log-prob of each next token (positions from the mask)."""
+    from rlhf.algos.logprobs import gather_logprobs
+
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    return gather_logprobs(logits[:, :-1], seq[:, 1:])
+
+
+def critic_values(model, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T-1] value of the state before each next token."""
+    return model(input_ids=seq, attention_mask=mask)[:, :-1]
+
+
+def reward_scores(model, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B] reward model score at the last real token."""
+    return _module(model).score(seq, mask)
+
+
+def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: str, tokenizer, ppo, zero, hardware,
+                      lora, actor_family, critic_family, world: int, total_steps: int, dtype, device) -> RLHFEngine:
+    from rlhf.models.load import load_causal_lm
+    from rlhf.models.lora import apply_lora, lora_param_groups
+    from rlhf.models.reward import load_reward_model
+
+    actor_stage = zero.stage if ppo.actor_zero is None else ppo.actor_zero
+    critic_stage = zero.stage if ppo.critic_zero is None else ppo.critic_zero
+    init_a = "pretrained" if actor_cfg.init == "tiny" or actor_path != actor_cfg.path else None
+    init_c = "pretrained" if critic_cfg.init == "tiny" or critic_path != critic_cfg.path else None
+
+    def spec(lr, wd):
+        return OptimSpec(lr=lr, weight_decay=wd, betas=[0.9, 0.95], eps=1e-8, scheduler=ppo.scheduler,
+                         warmup_steps=ppo.warmup_steps, total_steps=total_steps,
+                         micro_batch_size=ppo.train_batch_size, grad_accum=1, grad_clip=ppo.grad_clip)
+
+    # 1. actor: trained, LoRA per ppo.actor_lora, behind the hybrid engine
+    actor = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=ppo.actor_disable_dropout, init=init_a)
+    if ppo.actor_gradient_checkpointing:
+        actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    actor_lora = ppo.actor_lora and lora.rank > 0
+    if actor_lora:
+        actor = apply_lora(actor, lora, actor_family)
+    actor_engine = build_train_engine(actor, lora_param_groups(actor, lora, ppo.actor_lr, ppo.actor_weight_decay),
+                                      spec(ppo.actor_lr, ppo.actor_weight_decay), zero, hardware, world,
+                                      stage=actor_stage)
+    hybrid = HybridEngine(actor_engine, tokenizer, gather=ppo.hybrid_gather, device=device, lora=actor_lora,
+                          accelerator=hardware.accelerator)
+    # EMA of the merged actor weights (what gets saved), kept on rank 0 only
+    ema = None
+    if ppo.ema:
+        state = hybrid.full_state()  # a collective under ZeRO-3: every rank takes part
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            ema = EMA(((k, v) for k, v in state.items() if v.is_floating_point()), ppo.ema_beta)
+    # 2. reference: frozen SFT copy (sharded with the actor under ZeRO-3, optionally offloaded)
+    ref = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=True, init=init_a)
+    ref = build_eval_engine(ref, zero, hardware, world, stage=actor_stage, offload=ppo.offload_reference and
+                            actor_stage == 3, micro_batch_size=ppo.train_batch_size)
+    # 3. critic: trained, from the reward model
+    critic = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=ppo.critic_disable_dropout,
+                               init=init_c)
+    if ppo.critic_gradient_checkpointing:
+        critic.gradient_checkpointing_enable()
+    if ppo.critic_lora and lora.rank > 0:
+        critic.base = apply_lora(critic.base, lora, critic_family)
+    critic_zero = with_stage(zero, critic_stage)
+    critic_engine = build_train_engine(critic, lora_param_groups(critic, lora, ppo.critic_lr, ppo.critic_weight_decay),
+                                       spec(ppo.critic_lr, ppo.critic_weight_decay), critic_zero, hardware, world)
+    # 4. reward: frozen reward model
+    reward = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=True, init=init_c)
+    reward = build_eval_engine(reward, zero, hardware, world, stage=critic_stage, micro_batch_size=ppo.train_batch_size)
+    log.info("step-3 models: actor ZeRO-%d%s, reference %s, critic ZeRO-%d%s, reward frozen, EMA %s",
+             actor_stage, " + LoRA" if actor_lora else "", "ZeRO-3 sharded" if actor_stage == 3 else "full copy",
+             critic_stage, " + LoRA" if ppo.critic_lora and lora.rank > 0 else "", "on" if ema else "off")
+    return RLHFEngine(actor_engine, ref, critic_engine, reward, hybrid, tokenizer, ema, bool(ppo.ema))

@@ -1,0 +1,223 @@
+"""DPO: direct preference optimisation, in place of steps 2 + 3 (no reward model, no PPO).
+
+The policy (``cfg.actor``, usually a step-1 output: ``actor.path=<sft run>/model``) is trained on
+the step-2 share of the preference pairs, the share a reward model would have been trained on
+(data_split 2,4,4: DPO replaces the reward model's step and learns from the same pairs). The loss
+(``dpo.loss``: a key of ``DPO_LOSSES``) compares summed answer-token log-probs of chosen and
+rejected under the policy and under a frozen reference, the starting policy, which is:
+
+- ``precomputed``: ``dpo.precompute_ref=true``: its log-probs over the train and eval pairs are
+  computed once before training, kept as dataset columns; no reference model in memory;
+- ``adapters-disabled``: with LoRA (``lora.rank>0``), the policy itself under
+  ``disable_adapter()``; the base weights are frozen (only adapters train), so no second copy;
+- ``copy``: otherwise a frozen copy of the starting policy (sharded under ZeRO-3).
+
+Steps:
+  1. start the run (ranks, seed, tracking);
+  2. data: step-2 share of pairs, tokenised, a row index per pair, loaders;
+  3. model: policy (dropout, gradient checkpointing, LoRA), DeepSpeed engine; the reference;
+  4. train with the shared loop; loss / rewards / margin / accuracies on the eval pairs;
+  5. save the HF policy (LoRA merged), demo rule rate before/after, write summary.json.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import torch
+import torch.distributed as dist
+
+from rlhf.data.collate import PairCollator
+from rlhf.stages import common
+
+log = logging.getLogger(__name__)
+
+
+class DPOCollator(PairCollator):
+    """PairCollator batches plus ``idx`` [B] (row ids) and, once precomputed, the reference
+    log-probs ``ref_chosen`` / ``ref_rejected`` [B] of each pair (they travel with their row)."""
+
+    def __call__(self, rows):
+        out = super().__call__(rows)
+        out["idx"] = torch.as_tensor([int(r["idx"]) for r in rows], dtype=torch.long)
+        for key in ("ref_chosen", "ref_rejected"):
+            if key in rows[0]:
+                out[key] = torch.as_tensor([r[key] for r in rows], dtype=torch.float32)
+        return out
+
+
+def answer_logprobs(model, batch) -> torch.Tensor:
+    """Summed log-probs [2B] of the answer tokens (chosen rows first) of a [2B, T] pair batch.
+
+    Answer tokens: real tokens (attention_mask 1) from ``prompt_len`` on, counted from each
+    sequence's first real token (any padding side).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    from rlhf.algos.logprobs import sequence_logprobs
+
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    start = mask.argmax(dim=1) + batch["prompt_len"].repeat(2)  # first answer position per row
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    return sequence_logprobs(logits, ids, mask * (positions >= start.unsqueeze(1)))
+
+
+def policy_path(ctx) -> str:
+    """``dpo.init_from``, else ``actor.path``; a directory there (e.g. a step-1 output) is loaded
+    as it is, even when the actor group is a tiny spec (``actor.init=tiny``)."""
+    from omegaconf import OmegaConf
+
+    actor = ctx.cfg.actor
+    if actor.init == "tiny" and Path(str(actor.path)).expanduser().is_dir():
+        actor = OmegaConf.merge(actor, {"init": "pretrained"})
+    return common.model_path(ctx, ctx.cfg.dpo.init_from, model_cfg=actor)
+
+
+def run(cfg, run_dir=None) -> Dict[str, Any]:
+    from rlhf.algos.dpo import dpo_loss
+    from rlhf.data.blend import build_step_data
+    from rlhf.data.tokenize import tokenize_pairs
+    from rlhf.engine.setup import build_eval_engine, build_train_engine
+    from rlhf.engine.trainer import LoopSpec, fit, make_loader, total_steps
+    from rlhf.models.load import count_params
+
+    sec, actor = cfg.dpo, cfg.actor
+    # 1. start
+    ctx = common.start(cfg, "dpo", run_dir)
+    # 2. data (step 2's share: the pairs the reward model would have used)
+    path = policy_path(ctx)
+    tokenizer = common.load_tokenizer(ctx, path, model_cfg=actor)
+    data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
+    train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed))
+    train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
+    eval_ds, _ = tokenize_pairs(eval_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
+    datasets = {split: ds.add_column("idx", list(range(len(ds)))) for split, ds in (("train", train_ds),
+                                                                                  ("eval", eval_ds))}
+    collate = DPOCollator(tokenizer.pad_token_id, tokenizer.padding_side)
+
+    def loaders():
+        return (make_loader(datasets["train"], sec.micro_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed)),
+                make_loader(datasets["eval"], sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed),
+                            shuffle=False))
+
+    loader, eval_loader = loaders()
+    spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum)
+    n_steps = total_steps(len(loader), spec)
+    # 3. model, engine, reference
+    mode = "precomputed" if sec.precompute_ref else "adapters-disabled" if cfg.lora.rank > 0 else "copy"
+    model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
+                               gradient_checkpointing=sec.gradient_checkpointing, model_cfg=actor)
+    if mode == "adapters-disabled":  # the reference is the base: it must not move
+        if not cfg.lora.only_optimize_lora:
+            log.warning("dpo with LoRA trains the adapters only (the adapters-disabled model is the reference)")
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    n_params, n_trainable = count_params(model)
+    groups = common.param_groups(ctx, model, sec.lr, sec.weight_decay)
+    engine = build_train_engine(model, groups, common.optim_spec(sec, n_steps, ctx.world), cfg.zero,
+                                cfg.hardware, ctx.world)
+    ref_params = 0
+    if mode == "copy":
+        ref_model = common.load_policy(ctx, path, disable_dropout=True, gradient_checkpointing=False, lora=False,
+                                       model_cfg=actor)
+        ref_params = count_params(ref_model)[0]
+        reference = build_eval_engine(ref_model, cfg.zero, cfg.hardware, ctx.world, stage=cfg.zero.stage,
+                                      offload=cfg.zero.offload_param, micro_batch_size=sec.micro_batch_size)
+
+    @torch.no_grad()
+    def ref_logprobs(batch) -> torch.Tensor:
+        """Reference log-probs [2B] of a batch (chosen rows first), always without dropout."""
+        if mode == "precomputed":
+            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+        if mode == "copy":
+            return answer_logprobs(reference, batch)
+        was = engine.module.training
+        engine.eval()
+        with engine.module.disable_adapter():
+            out = answer_logprobs(engine, batch)
+        engine.train(was)
+        return out
+
+    if mode == "precomputed":  # the starting policy is the reference: score every pair once
+        for split in datasets:
+            datasets[split] = _with_reference(datasets[split], engine, collate, sec.eval_batch_size, ctx)
+        loader, eval_loader = loaders()
+
+    def step_fn(batch):
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        b = batch["prompt_len"].shape[0]
+        logp, ref = answer_logprobs(engine, batch), ref_logprobs(batch)
+        loss, stats = dpo_loss(sec.loss, logp[:b], logp[b:], ref[:b], ref[b:], sec.beta, sec.label_smoothing)
+        return loss, {k: float(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def evaluate() -> Dict[str, float]:
+        was = engine.module.training
+        engine.eval()
+        logps, refs = [], []
+        for batch in eval_loader:
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            b = batch["prompt_len"].shape[0]
+            logps.append(answer_logprobs(engine, batch).view(2, b).T.float().cpu())
+            refs.append(ref_logprobs(batch).view(2, b).T.float().cpu())
+        engine.train(was)
+        logp, ref = torch.cat(logps), torch.cat(refs)  # [N, 2]: chosen, rejected
+        if dist.is_initialized() and ctx.world > 1:
+            logp, ref = _gather(logp, ctx.device), _gather(ref, ctx.device)
+        loss, stats = dpo_loss(sec.loss, logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], sec.beta, sec.label_smoothing)
+        # the policy's own preference (logp chosen > rejected): unlike the implicit-reward accuracy
+        # (0 at the start, where policy == reference) it is also defined for the starting model
+        return {"loss": float(loss), **{k: float(v) for k, v in stats.items()},
+                "logp_accuracy": float((logp[:, 0] > logp[:, 1]).float().mean())}
+
+    # 4. train
+    rule_initial = common.heldout_rule_rate(ctx, engine.module, tokenizer)
+    initial = evaluate()
+    ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items()}, step=0)
+    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker)
+    # 5. save, score, summarise
+    model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
+    rule = common.heldout_rule_rate(ctx, engine.module, tokenizer)
+    return common.finish(ctx, {
+        "stage": "dpo", "model_dir": str(model_dir), "reference": mode, "reference_params": ref_params,
+        "loss": metrics["loss"], "accuracy": metrics["accuracy"], "chosen_reward": metrics["chosen_reward"],
+        "rejected_reward": metrics["rejected_reward"], "margin": metrics["margin"],
+        "logp_accuracy": metrics["logp_accuracy"], "logp_accuracy_initial": initial["logp_accuracy"],
+        "rule_rate": rule, "rule_rate_initial": rule_initial,
+        "final_train_loss": metrics["final_train_loss"], "steps": metrics["steps"],
+        "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
+        "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
+        "params": n_params, "trainable_params": n_trainable, "train_pairs": len(datasets["train"]),
+        "dropped_pairs": train_stats.get("dropped", 0),
+        "objective": rule if rule is not None else metrics["accuracy"],
+    })
+
+
+@torch.no_grad()
+def _with_reference(ds, engine, collate: Callable, batch_size: int, ctx):
+    """``ds`` plus columns ref_chosen / ref_rejected: the (untrained) engine's answer log-probs,
+    each rank scoring its shard, gathered and put back in row order by ``idx``."""
+    from rlhf.engine.trainer import make_loader
+
+    was = engine.module.training
+    engine.eval()
+    idx, vals = [], []
+    for batch in make_loader(ds, batch_size, collate, ctx.rank, ctx.world, int(ctx.cfg.seed), shuffle=False):
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        idx.append(batch["idx"].cpu())
+        vals.append(answer_logprobs(engine, batch).view(2, -1).T.float().cpu())
+    engine.train(was)
+    idx, vals = torch.cat(idx), torch.cat(vals)
+    if dist.is_initialized() and ctx.world > 1:
+        idx, vals = _gather(idx, ctx.device), _gather(vals, ctx.device)
+    table = torch.full((len(ds), 2), float("nan"))
+    table[idx] = vals
+    return ds.add_column("ref_chosen", table[:, 0].tolist()).add_column("ref_rejected", table[:, 1].tolist())
+
+
+def _gather(t: torch.Tensor, device) -> torch.Tensor:
+    """Concatenation over ranks of equally shaped tensors (on ``device`` for the collective, back on CPU)."""
+    t = t.to(device)
+    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts).cpu()

@@ -1,0 +1,109 @@
+"""All steps in one run: SFT -> RM -> PPO (``pipeline.algo=ppo``) or SFT -> DPO (``dpo``).
+
+The actor (``actor=...``, default the ``model`` choice) is fine-tuned in step 1 and optimised in
+step 3; the reward model (``reward=...``) is trained in step 2 and becomes critic and reward.
+Each step writes into its own subdirectory of the run (``sft/``, ``rm/``, ``ppo/`` or ``dpo/``)
+with its HF model directory and summary.json; the pipeline writes its own summary.json and prints
+a table. ``pipeline.steps=[3]`` reruns a later step on the outputs already in the run directory.
+
+Steps:
+  1. plan which steps run and where their inputs come from;
+  2. run each step with the previous step's model directory wired in;
+  3. write the pipeline summary and print the table.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Dict, List
+
+from rlhf.stages import get_stage
+from rlhf.tracking import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+KEY_METRIC = {"sft": "eval_ppl", "rm": "acc", "ppo": "reward_mean", "dpo": "acc"}
+
+
+def _input_dir(run_dir: Path, step: str, produced: bool, given, key: str, needed_by: str) -> str:
+    """The model a later step starts from: this run's ``<step>/model``, or an existing dir the
+    user named (``key``); a clear error when neither exists."""
+    path = run_dir / step / "model"
+    if produced or (path / "config.json").exists():
+        return str(path)
+    if given and Path(str(given)).is_dir():
+        return str(given)
+    raise FileNotFoundError(
+        f"step {needed_by} needs the {step} step's model: {path} is missing and {key} is not an existing "
+        f"directory. Add the {step} step to pipeline.steps, set run_dir to a pipeline run that has it, "
+        f"or set {key}=<model dir>")
+
+
+def plan(cfg, run_dir: Path) -> List[tuple]:
+    """[(name, sub-config), ...] for the steps to run, each wired to its inputs."""
+    algo = cfg.pipeline.algo
+    if algo not in ("ppo", "dpo"):
+        raise ValueError(f"pipeline.algo must be 'ppo' or 'dpo', got '{algo}'")
+    steps = list(cfg.pipeline.steps)
+    if not steps or any(s not in (1, 2, 3) for s in steps):
+        raise ValueError(f"pipeline.steps must be a subset of [1, 2, 3], got {steps}")
+    names = {1: "sft", 2: "rm" if algo == "ppo" else None, 3: algo}
+    out = []
+    for s in sorted(steps):
+        name = names[s]
+        if name is None:
+            continue  # DPO needs no reward model
+        sub = copy.deepcopy(cfg)
+        sub.stage.name = name
+        if name == "sft":
+            sub.model = copy.deepcopy(cfg.actor)
+        elif name == "rm":
+            sub.model = copy.deepcopy(cfg.reward)
+        else:
+            sub.model = copy.deepcopy(cfg.actor)
+            sub.actor.path = _input_dir(run_dir, "sft", 1 in steps, cfg.actor.path, "actor.path", name)
+            if name == "ppo":
+                sub.critic.path = _input_dir(run_dir, "rm", 2 in steps, cfg.critic.path, "critic.path", name)
+        out.append((name, sub))
+    return out
+
+
+def run(cfg, run_dir=None) -> Dict[str, Any]:
+    # 1. plan
+    run_dir = Path(run_dir or cfg.run_dir)
+    steps = plan(cfg, run_dir)
+    # 2. run the steps in order
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, sub in steps:
+        log.info("pipeline: step %s -> %s", name, run_dir / name)
+        results[name] = get_stage(name)(sub, run_dir=run_dir / name)
+    # 3. summary and table
+    summary = {"stage": "pipeline", "algo": cfg.pipeline.algo, "steps": results}
+    sft_rule = results.get("sft", {}).get("rule_rate")
+    final = results.get(cfg.pipeline.algo, {})
+    summary.update(rule_rate_sft=sft_rule, rule_rate_final=final.get("rule_rate"),
+                   wall_time_s=sum(r.get("wall_time_s", 0.0) for r in results.values()),
+                   objective=final.get("objective"))
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        atomic_write_json(run_dir / "summary.json", summary)
+        print(table(results))
+    return summary
+
+
+def table(results: Dict[str, Dict[str, Any]]) -> str:
+    """Markdown table: per step the key metric, wall time and the demo rule rate."""
+    lines = ["| step | key metric | value | wall time (s) | rule rate (held-out) |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        key = KEY_METRIC[name]
+        value = r.get(key)
+        rule = r.get("rule_rate")
+        if name == "ppo" and r.get("rule_rate_start") is not None:
+            rule_s = f"{r['rule_rate_start']:.3f} -> {rule:.3f}"
+        else:
+            rule_s = "-" if rule is None else f"{rule:.3f}"
+        value_s = "-" if value is None else f"{value:.4g}"
+        lines.append(f"| {name} | {key} | {value_s} | {r.get('wall_time_s', 0.0):.1f} | {rule_s} |")
+    return "\n".join(lines)

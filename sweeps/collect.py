@@ -1,0 +1,481 @@
+"""Collect a multirun into the benchmark table it reproduces: table.md, table.csv, table.png.
+
+    python sweeps/collect.py <multirun dir> [--table auto|zero_offload|lora_rank|dschat_e2e|generic]
+
+Also runs by itself at the end of every multirun (``CollectTables``, the Hydra callback registered
+under ``hydra.callbacks.collect`` in conf/config.yaml). Every job directory under the sweep dir holds
+Hydra's ``.hydra/overrides.yaml``, the resolved ``config.yaml`` and the stage's ``summary.json``; a
+job that failed has ``{"status": "OOM" | "failed", "error": ...}`` there (launchers.local) and
+becomes a row saying so. Column layouts follow the published tables (shared/reference.md, and
+sweeps/expected/ for the numbers they reported):
+
+- ``zero_offload``: DeepSpeed settings -> hours/epoch, s/sample, host memory, GPU memory or OOM;
+- ``lora_rank``: LoRA rank (and ZeRO setting) -> trainable params, batch, GPU memory, s/sample,
+  minutes/epoch;
+- ``dschat_e2e``: one row per model and hardware, hours for steps 1, 2, 3 and the total;
+- ``generic`` (hyperparameter searches, ad-hoc ``-m`` runs): the swept overrides -> status,
+  objective, throughput, memory.
+
+``jobs.csv`` always lists every job with all its fields. When jobs report an ``objective``
+(Optuna searches), ``best.json`` and ``best_config.yaml`` name the best job and hold its config.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+try:  # Hydra is only needed for the callback; the CLI works without it
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover
+    Callback = object  # type: ignore[misc,assignment]
+
+log = logging.getLogger(__name__)
+
+EPOCH_SIZE_KEYS = ("train_rows", "train_pairs", "train_prompts", "train_samples")  # summary.json keys
+STEP_OF_STAGE = {"sft": 1, "rm": 2, "ppo": 3}  # DeepSpeed-Chat step of each stage (dschat_e2e)
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@dataclass
+class Job:
+    """One job directory of a multirun."""
+
+    dir: Path
+    num: int
+    overrides: List[str]
+    cfg: Dict[str, Any]
+    summary: Optional[Dict[str, Any]]
+
+    @property
+    def status(self) -> str:
+        if self.summary is None:
+            return "missing"  # never wrote a summary (killed, or still running)
+        return str(self.summary.get("status", "ok"))
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def error(self) -> str:
+        return str((self.summary or {}).get("error", ""))
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self.cfg
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def metric(self, key: str) -> Optional[float]:
+        v = (self.summary or {}).get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    @property
+    def section(self) -> Dict[str, Any]:
+        """The settings section of the job's stage (cfg.sft for stage=sft, ...)."""
+        sec = self.cfg.get(str(self.get("stage.name", "")), {})
+        return sec if isinstance(sec, dict) else {}
+
+    def override(self, key: str) -> Optional[str]:
+        return next((v for k, _, v in (o.partition("=") for o in self.overrides) if k == key), None)
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def find_jobs(sweep_dir: Path) -> List[Job]:
+    """Every job under ``sweep_dir`` (a directory holding ``.hydra/overrides.yaml``), in job order."""
+    jobs = []
+    for ov in sorted(Path(sweep_dir).rglob(".hydra/overrides.yaml")):
+        d = ov.parent.parent
+        hydra_cfg = _load_yaml(d / ".hydra" / "hydra.yaml") or {}
+        num = (hydra_cfg.get("hydra", {}).get("job", {}) or {}).get("num", len(jobs))
+        cfg = _load_yaml(d / "config.yaml") or _load_yaml(d / ".hydra" / "config.yaml") or {}
+        summary_path = d / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        jobs.append(Job(d, int(num) if isinstance(num, int) else len(jobs), list(_load_yaml(ov) or []), cfg, summary))
+    jobs.sort(key=lambda j: (j.num, str(j.dir)))
+    return jobs
+
+
+def varying_keys(jobs: Sequence[Job]) -> List[str]:
+    """Override keys whose value differs between jobs (what the sweep swept)."""
+    keys = sorted({o.partition("=")[0] for j in jobs for o in j.overrides})
+    return [k for k in keys if len({j.override(k) for j in jobs}) > 1]
+
+
+# ---------------------------------------------------------------- derived values
+
+
+def s_per_sample(job: Job) -> Optional[float]:
+    sps = job.metric("samples_per_s")
+    return 1.0 / sps if sps else None
+
+
+def epoch_hours(job: Job) -> Optional[float]:
+    """Hours for the stage's configured epochs at the measured throughput (few-step runs extrapolate)."""
+    sps = job.metric("samples_per_s")
+    rows = next((job.metric(k) for k in EPOCH_SIZE_KEYS if job.metric(k) is not None), None)
+    if sps and rows:
+        epochs = job.section.get("epochs", 1) or 1
+        return rows * epochs / sps / 3600.0
+    wall = job.metric("wall_time_s")
+    return wall / 3600.0 if wall is not None else None
+
+
+def zero_setting(job: Job) -> str:
+    """The zero group option this job ran ("2-offload", "3", "3 +optimizer offload", ...)."""
+    stage = job.get("zero.stage")
+    opt, par = job.get("zero.offload_optimizer"), job.get("zero.offload_param")
+    if opt and par:
+        return f"{stage}-offload"
+    if opt:
+        return f"{stage}-offload" if stage == 2 else f"{stage} +optimizer offload"
+    return str(stage)
+
+
+def gpus(job: Job) -> Optional[int]:
+    n, p = job.get("hardware.nodes"), job.get("hardware.procs_per_node")
+    return n * p if isinstance(n, int) and isinstance(p, int) else None
+
+
+def precision(job: Job) -> str:
+    dtype = job.get("model.dtype", "auto")
+    return str(job.get("hardware.precision") if dtype == "auto" else dtype)
+
+
+def batch_size(job: Job) -> Any:
+    sec = job.section
+    return sec.get("micro_batch_size", sec.get("train_batch_size"))
+
+
+def grad_checkpointing(job: Job) -> Any:
+    sec = job.section
+    return sec.get("gradient_checkpointing", sec.get("actor_gradient_checkpointing"))
+
+
+def status_cell(job: Job) -> str:
+    return "ok" if job.ok else (f"{job.status}: {job.error}" if job.error else job.status)
+
+
+def _metric_or_status(fn: Callable[[Job], Optional[float]]) -> Callable[[Job], Any]:
+    """A metric cell that reads OOM / failed when the job did not finish."""
+    return lambda job: fn(job) if job.ok else job.status
+
+
+# ---------------------------------------------------------------- tables
+
+Column = Tuple[str, Callable[[Job], Any]]
+
+
+def _cfg(key: str, default: Any = "") -> Callable[[Job], Any]:
+    return lambda job: job.get(key, default)
+
+
+def _sum(key: str) -> Callable[[Job], Optional[float]]:
+    return lambda job: job.metric(key)
+
+
+ZERO_OFFLOAD: List[Column] = [
+    ("model", _cfg("model.name")),
+    ("GPUs", gpus),
+    ("ZeRO stage", _cfg("zero.stage")),
+    ("offload optimizer", _cfg("zero.offload_optimizer")),
+    ("offload params", _cfg("zero.offload_param")),
+    ("pin memory", _cfg("zero.pin_memory")),
+    ("overlap comm", _cfg("zero.overlap_comm")),
+    ("allgather bucket size", _cfg("zero.allgather_bucket_size")),
+    ("stage-3 max live params", _cfg("zero.stage3_max_live_parameters")),
+    ("batch size", batch_size),
+    ("grad accumulation", lambda j: j.section.get("grad_accum", "")),
+    ("gradient checkpointing", grad_checkpointing),
+    ("precision", precision),
+    ("hours/epoch", _metric_or_status(epoch_hours)),
+    ("s/sample", _metric_or_status(s_per_sample)),
+    ("host mem GB", _metric_or_status(_sum("peak_host_mem_gb"))),
+    ("GPU mem GB", _metric_or_status(_sum("peak_gpu_mem_gb"))),
+    ("status", status_cell),
+]
+
+LORA_RANK: List[Column] = [
+    ("model", _cfg("model.name")),
+    ("LoRA rank", lambda j: j.get("lora.rank") or "none"),
+    ("only LoRA trained", lambda j: j.get("lora.only_optimize_lora") if j.get("lora.rank") else ""),
+    ("ZeRO", zero_setting),
+    ("GPUs", gpus),
+    ("trainable params", lambda j: (j.summary or {}).get("trainable_params", "")),
+    ("params", lambda j: (j.summary or {}).get("params", "")),
+    ("batch size", batch_size),
+    ("GPU mem GB", _metric_or_status(_sum("peak_gpu_mem_gb"))),
+    ("host mem GB", _metric_or_status(_sum("peak_host_mem_gb"))),
+    ("s/sample", _metric_or_status(s_per_sample)),
+    ("minutes/epoch", _metric_or_status(lambda j: (epoch_hours(j) or 0) * 60 if epoch_hours(j) is not None else None)),
+    ("status", status_cell),
+]
+
+
+def generic_columns(jobs: Sequence[Job]) -> List[Column]:
+    keys = varying_keys(jobs) or ["(overrides)"]
+
+    def override(key: str) -> Callable[[Job], Any]:
+        if key == "(overrides)":
+            return lambda j: ",".join(j.overrides)
+        return lambda j: j.override(key) or ""
+
+    return [("job", lambda j: j.num), *[(k, override(k)) for k in keys], ("status", status_cell),
+            ("objective", lambda j: (j.summary or {}).get("objective")),
+            ("s/sample", _metric_or_status(s_per_sample)),
+            ("wall time s", _sum("wall_time_s")),
+            ("host mem GB", _metric_or_status(_sum("peak_host_mem_gb"))),
+            ("GPU mem GB", _metric_or_status(_sum("peak_gpu_mem_gb")))]
+
+
+def dschat_e2e_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
+    """DeepSpeed-Chat's end-to-end table: one row per (model, reward model, hardware), hours per step."""
+    header = ["setup", "GPUs", "step 1 h", "step 2 h", "step 3 h", "total h"]
+    rows: Dict[Tuple, Dict[int, Any]] = {}
+    for job in jobs:
+        step = STEP_OF_STAGE.get(str(job.get("stage.name")))
+        if step is None:
+            continue
+        model = job.get("model.name") if step < 3 else job.get("actor.name", job.get("model.name"))
+        key = (model, job.get("hardware.name"), gpus(job))
+        rows.setdefault(key, {})[step] = epoch_hours(job) if job.ok else job.status
+    out = []
+    for (model, hw, n), steps in rows.items():
+        cells = [steps.get(s, "not run") for s in (1, 2, 3)]
+        done = [c for c in cells if isinstance(c, float)]
+        total = sum(done) if len(done) == len([c for c in cells if c != "not run"]) and done else ""
+        out.append([f"{model} on {hw}", n, *cells, total])
+    return header, out
+
+
+TABLES: Dict[str, Optional[List[Column]]] = {
+    "zero_offload": ZERO_OFFLOAD,
+    "lora_rank": LORA_RANK,
+    "dschat_e2e": None,  # a pivot (rows per setup), not one row per job
+    "generic": None,  # columns depend on what was swept
+}
+
+
+def table_rows(name: str, jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
+    if name == "dschat_e2e":
+        return dschat_e2e_rows(jobs)
+    columns = TABLES.get(name) or generic_columns(jobs)
+    return [h for h, _ in columns], [[fn(j) for _, fn in columns] for j in jobs]
+
+
+# ---------------------------------------------------------------- writers
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v == 0:
+            return "0"
+        return f"{v:.4g}" if abs(v) >= 1e-3 else f"{v:.3e}"
+    return str(v)
+
+
+def write_markdown(path: Path, title: str, header: List[str], rows: List[List[Any]], notes: List[str]) -> None:
+    esc = lambda s: fmt(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    lines += ["", *notes] if notes else []
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(path: Path, header: List[str], rows: List[List[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([[fmt(c) for c in row] for row in rows])
+
+
+def write_jobs_csv(path: Path, jobs: Sequence[Job]) -> None:
+    keys = sorted({k for j in jobs for k, v in (j.summary or {}).items() if not isinstance(v, (dict, list))})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["job", "dir", "overrides", "status", *keys])
+        for j in jobs:
+            w.writerow([j.num, j.dir.name, " ".join(j.overrides), j.status,
+                        *[fmt((j.summary or {}).get(k)) for k in keys]])
+
+
+def write_plot(path: Path, title: str, header: List[str], rows: List[List[Any]], name: str) -> None:
+    """Bars of the table's time and memory columns; failed / OOM rows are marked in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if name == "dschat_e2e":
+        panels = [("hours per step", [h for h in header if h.startswith("step")])]
+        labels = [str(r[0]) for r in rows]
+    else:
+        wanted = ["s/sample", "GPU mem GB", "host mem GB", "objective", "trainable params"]
+        present = [h for h in wanted if h in header and any(isinstance(r[header.index(h)], (int, float))
+                                                           and not isinstance(r[header.index(h)], bool)
+                                                           for r in rows)]
+        panels = [(h, [h]) for h in present[:2]] or [("s/sample", ["s/sample"])]
+        labels = _row_labels(header, rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.45 * max(len(rows), 3) + 1.5),
+                             squeeze=False)
+    for ax, (ptitle, cols) in zip(axes[0], panels):
+        left = [0.0] * len(rows)
+        for col in cols:
+            vals = [r[header.index(col)] for r in rows]
+            nums = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0 for v in vals]
+            ax.barh(range(len(rows)), nums, left=left, label=col)
+            left = [a + b for a, b in zip(left, nums)]
+        for i, r in enumerate(rows):
+            failed = [r[header.index(c)] for c in cols if isinstance(r[header.index(c)], str)
+                      and r[header.index(c)] not in ("", "not run")]
+            if failed:
+                ax.text(0, i, f" {failed[0]}", va="center", color="red", fontweight="bold")
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(ptitle)
+        if len(cols) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+RESULT_COLUMNS = {"status", "s/sample", "hours/epoch", "minutes/epoch", "GPU mem GB", "host mem GB", "objective",
+                  "wall time s", "trainable params", "params", "job"}
+
+
+def _row_labels(header: List[str], rows: List[List[Any]]) -> List[str]:
+    """Each row named by the settings that differ between rows ("ZeRO stage=3 batch size=8")."""
+    cols = [i for i, h in enumerate(header) if h not in RESULT_COLUMNS and len({fmt(r[i]) for r in rows}) > 1]
+    labels = []
+    for n, r in enumerate(rows):
+        text = " ".join(f"{header[i]}={fmt(r[i])}" for i in cols) or f"job {n}"
+        labels.append(text if len(text) <= 60 else text[:57] + "...")
+    return labels
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def sweep_hydra(sweep_dir: Path) -> Dict[str, Any]:
+    """The multirun's ``hydra`` config: multirun.yaml (basic sweeper), else a job's .hydra/hydra.yaml (Optuna)."""
+    multirun = _load_yaml(Path(sweep_dir) / "multirun.yaml")
+    if not multirun:
+        first = next(iter(sorted(Path(sweep_dir).rglob(".hydra/hydra.yaml"))), None)
+        multirun = _load_yaml(first) if first else None
+    return (multirun or {}).get("hydra", {}) or {}
+
+
+def sweep_name(sweep_dir: Path) -> Optional[str]:
+    """The sweep or search this multirun ran (``sweep=zero_offload`` -> zero_offload)."""
+    choices = (sweep_hydra(sweep_dir).get("runtime", {}) or {}).get("choices", {}) or {}
+    return choices.get("sweep") or choices.get("hparams_search")
+
+
+def infer_table(sweep_dir: Path) -> str:
+    """The sweep's own layout when it has one, else generic."""
+    name = sweep_name(sweep_dir)
+    return name if name in TABLES else "generic"
+
+
+def write_best(sweep_dir: Path, jobs: Sequence[Job]) -> Optional[Dict[str, Any]]:
+    """best.json and best_config.yaml: the job with the best numeric objective (the sweeper's direction)."""
+    scored = [j for j in jobs if j.ok and isinstance((j.summary or {}).get("objective"), (int, float))]
+    if not scored:
+        return None
+    direction = str((sweep_hydra(sweep_dir).get("sweeper", {}) or {}).get("direction", "maximize"))
+    pick = min if "min" in direction else max
+    best = pick(scored, key=lambda j: float(j.summary["objective"]))
+    out = {"objective": best.summary["objective"], "direction": direction, "job": best.num,
+           "dir": str(best.dir), "overrides": best.overrides}
+    (Path(sweep_dir) / "best.json").write_text(json.dumps(out, indent=2) + "\n")
+    if (best.dir / "config.yaml").is_file():
+        shutil.copyfile(best.dir / "config.yaml", Path(sweep_dir) / "best_config.yaml")
+    return out
+
+
+def collect(sweep_dir: str | Path, table: str = "auto", out_dir: str | Path | None = None) -> Dict[str, Any]:
+    """Write table.md, table.csv, table.png and jobs.csv for the multirun in ``sweep_dir``."""
+    sweep_dir = Path(sweep_dir)
+    out = Path(out_dir or sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = find_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir}: no job directories (with .hydra/overrides.yaml) found")
+    name = infer_table(sweep_dir) if table == "auto" else table
+    if name not in TABLES:
+        raise ValueError(f"table must be auto or one of {', '.join(TABLES)}; got {name!r}")
+    header, rows = table_rows(name, jobs)
+    failed = [j for j in jobs if not j.ok]
+    notes = [f"{len(jobs)} jobs, {len(jobs) - len(failed)} ok, {len(failed)} not ok. "
+             "hours/epoch = the stage's epoch size / measured samples/s (few-step runs extrapolate); "
+             "memory is the peak of the job's process (GPU: torch's max allocated)."]
+    expected = [p for p in sorted((Path(__file__).parent / "expected").glob(f"{sweep_name(sweep_dir) or name}.*"))]
+    if expected:
+        notes.append("Published numbers for comparison: " + ", ".join(f"sweeps/expected/{p.name}" for p in expected))
+    if name == "dschat_e2e":
+        notes.append("Steps run so far: " + ", ".join(sorted({str(j.get('stage.name')) for j in jobs})) +
+                     "; 'not run' cells fill in as the sweep's stage list grows.")
+    title = f"{sweep_name(sweep_dir) or name} — {sweep_dir.name}"
+    write_markdown(out / "table.md", title, header, rows, notes)
+    write_csv(out / "table.csv", header, rows)
+    write_jobs_csv(out / "jobs.csv", jobs)
+    write_plot(out / "table.png", title, header, rows, name)
+    best = write_best(sweep_dir, jobs)
+    log.info("collected %d jobs of %s into %s (table %s)", len(jobs), sweep_dir, out, name)
+    return {"table": name, "jobs": len(jobs), "failed": len(failed), "header": header, "rows": rows,
+            "best": best}
+
+
+class CollectTables(Callback):
+    """Hydra callback: collect the sweep's table when a multirun ends (any sweeper, any launcher)."""
+
+    def __init__(self, table: str = "auto") -> None:
+        self.table = table
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            result = collect(sweep_dir, self.table)
+            log.info("sweep table: %s (%d jobs, %d not ok)", sweep_dir / "table.md", result["jobs"], result["failed"])
+        except Exception:  # a finished sweep must not fail because its table could not be written
+            log.exception("could not collect the sweep table of %s", sweep_dir)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", help="a multirun directory (hydra.sweep.dir)")
+    parser.add_argument("--table", default="auto", choices=["auto", *TABLES])
+    parser.add_argument("--out", default=None, help="where to write (default: the sweep dir)")
+    args = parser.parse_args(argv)
+    result = collect(args.sweep_dir, args.table, args.out)
+    print((Path(args.out or args.sweep_dir) / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
