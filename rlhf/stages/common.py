@@ -137,6 +137,16 @@ def export_hf(ctx: Context, module, tokenizer, out_dir: Path, save=None) -> Path
     return out_dir
 
 
+def shard_fraction(module) -> float:
+    """Share of the model's parameter elements this rank holds (1.0 unless ZeRO-3 partitions)."""
+    local = total = 0
+    for p in module.parameters():
+        full = getattr(p, "ds_numel", None) or p.numel()
+        total += full
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else full
+    return local / max(total, 1)
+
+
 def uses_demo(ctx: Context) -> bool:
     return any(s.name.startswith("demo") for s in ctx.cfg.data.sources)
 

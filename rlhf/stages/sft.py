@@ -76,6 +76,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         mean = float(nll[0] / max(nll[1], 1))
         return {"loss": mean, "ppl": common.perplexity(mean)}
 
+    shard = common.shard_fraction(engine.module)
     # 4. train
     initial = evaluate()
     ctx.tracker.log({"eval/ppl_initial": initial["ppl"]}, step=0)
@@ -90,7 +91,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "steps": metrics["steps"], "samples_per_s": metrics["samples_per_s"],
         "tokens_per_s": metrics["tokens_per_s"], "train_time_s": metrics["train_time_s"],
         "skipped_nonfinite": metrics["skipped_nonfinite"],
-        "params": n_params, "trainable_params": n_trainable,
+        "params": n_params, "trainable_params": n_trainable, "param_shard_fraction": shard,
         "train_rows": len(train_ds), "dropped_rows": train_stats.get("dropped", 0),
         "objective": rule if rule is not None else -metrics["ppl"],
     })
