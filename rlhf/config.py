@@ -138,11 +138,11 @@ class RMConfig(TrainConfig):
 
 @dataclass
 class DPOConfig(TrainConfig):
-    init_from: Optional[str] = None
-    beta: float = 0.1
+    init_from: Optional[str] = None  # start from this HF directory instead of actor.path
+    beta: float = 0.1  # implicit reward scale: beta * (logp - logp_ref)
     loss: str = "sigmoid"  # key of rlhf.algos.dpo.DPO_LOSSES
-    label_smoothing: float = 0.0
-    precompute_ref: bool = False
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid loss only)
+    precompute_ref: bool = False  # reference log-probs computed once before training, no reference model kept
 
 
 @dataclass
@@ -223,7 +223,7 @@ class StageConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 0  # 0 = only at the end
+    every_n_steps: int = 0  # 0 = off (the final model is always saved)
     every_minutes: float = 0.0
     keep_last: int = 2
 

@@ -112,6 +112,16 @@ class Tracker:
         self.run_id = self._wandb.id
         log.info("W&B run %s (%s)", self.run_id, mode)
 
+    def truncate(self, step: int) -> None:
+        """Drop metric rows logged after ``step`` (a resumed run redoes them)."""
+        if self.rank != 0:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self._file.close()
+        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+        self._file = open(path, "a")
+
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         metrics = {k: _clean(v) for k, v in metrics.items()}
         self.last.update(metrics)

@@ -109,7 +109,7 @@ class HybridEngine:
         t0 = time.perf_counter()
         state = self.full_state()
         if self.replica is None:
-            self.replica = self._build_replica()
+            self.replica = self.build_replica()
         self.replica.load_state_dict(state, strict=True)
         self.timings["sync_s"] += time.perf_counter() - t0
         return self.replica
@@ -123,7 +123,7 @@ class HybridEngine:
         """Drop the replica (memory back before a long training phase or at the end)."""
         self.replica = None
 
-    def _build_replica(self) -> torch.nn.Module:
+    def build_replica(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
         from rlhf.models.load import merged_state

@@ -37,12 +37,17 @@ class LoopSpec:
 def make_loader(dataset, batch_size: int, collate, rank: int, world: int, seed: int, shuffle: bool = True):
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
                                  drop_last=shuffle)
+    # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
+    # (which starts iterating mid-epoch) would see different dropout masks than an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      drop_last=shuffle)
+                      drop_last=shuffle, generator=torch.Generator().manual_seed(seed))
 
 
-def total_steps(n_batches: int, spec: LoopSpec) -> int:
-    per_epoch = max(n_batches // spec.grad_accum, 1)
+def total_steps(n_batches: int, spec: LoopSpec, section: str = "train") -> int:
+    per_epoch = n_batches // spec.grad_accum
+    if per_epoch == 0:
+        raise ValueError(f"{section}.grad_accum={spec.grad_accum} is more than the {n_batches} micro-batches of an "
+                         f"epoch: no optimizer step would run (lower grad_accum or micro_batch_size, or add data)")
     steps = per_epoch * spec.epochs
     return min(steps, spec.max_steps) if spec.max_steps > 0 else steps
 

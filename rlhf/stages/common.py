@@ -5,6 +5,7 @@ engine, algos, tracking).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf.engine.checkpoint import Checkpointer, resolve_resume
 from rlhf.engine.setup import (OptimSpec, barrier, device_for, dtype_for, gathered, init_distributed,
                                seed_everything)
 from rlhf.models.families import Family, get_family
@@ -34,6 +36,7 @@ class Context:
     run_dir: Path
     cache_dir: Path
     tracker: Tracker
+    resume_from: Optional[Path] = None  # checkpoint to resume (resume=auto|<path>)
     t0: float = field(default_factory=time.perf_counter)
 
     @property
@@ -47,14 +50,28 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir or cfg.run_dir)
     cache_dir = Path(cfg.cache_dir)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    run_id = json.loads((resume_from / "meta.json").read_text()).get("run_id") if resume_from else None
     tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), rank=rank,
-                      name=f"{name}-{Path(cfg.run_dir).name}")
+                      name=f"{name}-{Path(cfg.run_dir).name}", resume_id=run_id)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("stage %s: %d rank(s), run dir %s", name, world, run_dir)
     return Context(cfg, rank, world, device_for(cfg.hardware), dtype_for(cfg.hardware.precision, cfg.model.dtype),
-                   run_dir, cache_dir, tracker)
+                   run_dir, cache_dir, tracker, resume_from)
+
+
+def checkpointing(ctx: Context, engines: Dict[str, Any], extra_state=None):
+    """A Checkpointer for ``engines``; restores them when the run resumes. Returns
+    (checkpointer, meta or None): meta["loop"] is where the loop stopped, meta["extra"] the
+    stage's extra state."""
+    ckpt = Checkpointer(ctx.run_dir, ctx.cfg.checkpoint, engines, ctx.tracker, extra_state)
+    if ctx.resume_from is None:
+        return ckpt, None
+    meta = ckpt.load(ctx.resume_from)
+    ctx.tracker.truncate(meta["step"])
+    return ckpt, meta
 
 
 def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:

@@ -119,6 +119,23 @@ def _mean(rows: List[Dict[str, float]]) -> Dict[str, float]:
     return {k: sum(r[k] for r in rows if k in r) / max(sum(k in r for r in rows), 1) for k in keys}
 
 
+def _extra_state(trainer: PPOTrainer, m: RLHFEngine, rule_start, pos) -> Dict[str, Any]:
+    """What a PPO checkpoint holds besides the engines: KL controller, start metrics, EMA."""
+    out: Dict[str, Any] = {"kl_ctl": trainer.kl_ctl.state_dict(), "rule_start": rule_start}
+    if m.ema is not None:
+        out.update({f"ema.{k}": v for k, v in m.ema.state_dict()["shadow"].items()})
+    return out
+
+
+def _restore(meta, trainer: PPOTrainer, m: RLHFEngine):
+    extra = meta["extra"]
+    trainer.kl_ctl.load_state_dict(extra["kl_ctl"])
+    if m.ema is not None:
+        shadow = {k[len("ema."):]: v for k, v in extra.items() if k.startswith("ema.")}
+        m.ema.load_state_dict({**m.ema.state_dict(), "shadow": shadow})
+    return extra["rule_start"], dict(meta["loop"])
+
+
 def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.blend import build_step_data, load_unsupervised
     from rlhf.data.collate import PromptCollator, SFTCollator
@@ -131,6 +148,9 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.models.reward import save_reward_model
 
     c = cfg.ppo
+    if c.generation_batch_size % c.train_batch_size:
+        raise ValueError(f"ppo.generation_batch_size={c.generation_batch_size} is not a multiple of "
+                         f"ppo.train_batch_size={c.train_batch_size}: each rollout must split into whole mini-batches")
     # 1. start; which checkpoints
     ctx = common.start(cfg, "ppo", run_dir)
     actor_path = resolve_path(cfg.actor, ctx.cache_dir / "models", key="actor")
@@ -173,24 +193,36 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         finally:
             m.hybrid.to_training()
 
-    rule_start = heldout()
-    if rule_start is not None:
-        ctx.tracker.log({"eval/rule_rate": rule_start}, step=0)
+    ckpt, meta = common.checkpointing(ctx, {"actor": m.actor, "critic": m.critic},
+                                      lambda: _extra_state(trainer, m, rule_start, pos))
+    if meta is None:
+        rule_start = heldout()
+        if rule_start is not None:
+            ctx.tracker.log({"eval/rule_rate": rule_start}, step=0)
+        pos = {"step": 0, "epoch": 0, "consumed": 0}
+    else:
+        rule_start, pos = _restore(meta, trainer, m)
     # 4. loop: experience, then PPO updates
-    step, t_start, gen_s, train_s, tokens, samples = 0, time.perf_counter(), 0.0, 0.0, 0.0, 0
-    bar = ctx.tracker.progress(total=n_iters, desc="ppo")
-    batches = iter(())
-    epoch = 0
-    while step < n_iters:
-        exps = []
-        for _ in range(c.generation_batches):
-            batch = next(batches, None)
-            if batch is None:
-                loader.sampler.set_epoch(epoch)
-                epoch += 1
+    t_start, gen_s, train_s, tokens, samples = time.perf_counter(), 0.0, 0.0, 0.0, 0
+    bar = ctx.tracker.progress(total=n_iters, initial=pos["step"], desc="ppo")
+    batches = None
+
+    def next_batch():
+        nonlocal batches
+        while True:
+            if batches is None:
+                loader.sampler.set_epoch(pos["epoch"])
                 batches = iter(loader)
-                batch = next(batches)
-            exps.append(trainer.generate_experience(batch))
+                for _ in range(pos["consumed"]):  # resumed mid-epoch: skip what was trained on
+                    next(batches)
+            batch = next(batches, None)
+            if batch is not None:
+                pos["consumed"] += 1
+                return batch
+            pos["epoch"], pos["consumed"], batches = pos["epoch"] + 1, 0, None
+
+    while pos["step"] < n_iters:
+        exps = [trainer.generate_experience(next_batch()) for _ in range(c.generation_batches)]
         t0 = time.perf_counter()
         train_stats = [trainer.train_rlhf(mb, next(unsup_iter) if unsup_iter else None)
                        for _ in range(c.ppo_epochs) for mb in _minibatches(exps, c.train_batch_size)]
@@ -201,7 +233,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         gen_s += stats["generation_s"] * len(exps)
         tokens += stats["generated_tokens"] * len(exps)
         samples += sum(e["seq"].shape[0] for e in exps)
-        step += 1
+        pos["step"] += 1
+        step = pos["step"]
         metrics = all_reduce_mean({**stats, **_mean(train_stats)})
         elapsed = time.perf_counter() - t_start
         metrics.update(kl_coef=trainer.kl_ctl.value, actor_lr=m.actor.get_lr()[0],
@@ -211,6 +244,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
             ctx.tracker.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", refresh=False)
+        ckpt.maybe_save(step, dict(pos))
     bar.close()
     # 5. score, save, summarise
     rule_end = heldout()
@@ -220,15 +254,15 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     ema_dir = None
     if m.ema is not None:
         ema_dir = ctx.run_dir / "ema"
-        replica = m.hybrid._build_replica()
-        m.ema.copy_to(replica)
+        replica = m.hybrid.build_replica()
+        replica.load_state_dict(m.ema.state_dict()["shadow"], strict=True)
         save_hf(replica, tokenizer, ema_dir)
     barrier()
     last = ctx.tracker.last
     total, trainable = count_params(m.actor.module)
     return common.finish(ctx, {
         "stage": "ppo", "model_dir": str(actor_dir), "critic_dir": str(ctx.run_dir / "critic"),
-        "ema_dir": str(ema_dir) if ema_dir else None, "steps": step,
+        "ema_dir": str(ema_dir) if ema_dir else None, "steps": pos["step"],
         "rule_rate_start": rule_start, "rule_rate": rule_end,
         "reward_mean": last.get("train/reward"), "kl": last.get("train/kl"),
         "actor_loss": last.get("train/actor_loss"), "critic_loss": last.get("train/critic_loss"),

@@ -71,7 +71,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     eval_loader = make_loader(eval_ds, sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed),
                               shuffle=False)
     spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum)
-    n_steps = total_steps(len(loader), spec)
+    n_steps = total_steps(len(loader), spec, "rm")
     # 3. model and engine
     init = "pretrained" if cfg.model.init == "tiny" or path != cfg.model.path else None
     model = load_reward_model(cfg.model, path, dtype=ctx.dtype, disable_dropout=sec.disable_dropout, init=init)
@@ -106,9 +106,13 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         return {k: float(v) for k, v in ranking_metrics(c, r).items()}
 
     # 4. train
-    initial = evaluate()
-    ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items()}, step=0)
-    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker)
+    ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial_acc": initial["acc"]})
+    if meta is None:
+        initial = evaluate()
+        ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items()}, step=0)
+    else:
+        initial = {"acc": meta["extra"]["initial_acc"]}
+    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save and summarise
     model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model", save=save_reward_model)
     return common.finish(ctx, {

@@ -46,7 +46,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     eval_loader = make_loader(eval_ds, sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed),
                               shuffle=False)
     spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum)
-    n_steps = total_steps(len(loader), spec)
+    n_steps = total_steps(len(loader), spec, "sft")
     # 3. model and engine
     model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
                                gradient_checkpointing=sec.gradient_checkpointing)
@@ -78,9 +78,13 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
 
     shard = common.shard_fraction(engine.module)
     # 4. train
-    initial = evaluate()
-    ctx.tracker.log({"eval/ppl_initial": initial["ppl"]}, step=0)
-    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker)
+    ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial_ppl": initial["ppl"]})
+    if meta is None:
+        initial = evaluate()
+        ctx.tracker.log({"eval/ppl_initial": initial["ppl"]}, step=0)
+    else:
+        initial = {"ppl": meta["extra"]["initial_ppl"]}
+    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save, score, summarise
     model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
     rule = common.heldout_rule_rate(ctx, engine.module, tokenizer)
