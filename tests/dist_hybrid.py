@@ -50,7 +50,7 @@ def main(out_path: str, cache: str):
     init_distributed(hw)
     rank = dist.get_rank()
     family = get_family("opt")
-    path = resolve_path(ModelConfig(name="tiny-opt", family="opt", path="tiny-opt", init="tiny"), Path(cache) / "models")
+    path = resolve_path(ModelConfig(name="tiny-opt", family="opt", path="tiny-opt", init="tiny"), Path(cache))
     tok = load_tokenizer(path, family)
     tok.padding_side = "left"
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -248,7 +248,7 @@ def test_build_step_data_demo_with_sft_only(tmp_path):
         demo_size=100,
     )
     train1, eval1 = build_step_data(cfg, 1, tmp_path, seed=1)
-    assert (tmp_path / "demo" / "pairs" / "train.json").exists()
+    assert (tmp_path / "demo" / "n100" / "pairs" / "train.json").exists()  # one folder per demo size
     assert train1.column_names == ["prompt", "answer"]
     assert len(train1) == 20 + 100 and len(eval1) == 2 + 10  # share of pairs + sft-only whole
     assert all(a.startswith(" ") and not a.startswith("  ") for a in train1["answer"])

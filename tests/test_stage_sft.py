@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,9 @@ def test_lora_trains_only_adapters_and_merges(tmp_path):
     summary, losses = run_sft(tmp_path, "lora=r8", "lora.only_optimize_lora=true", "sft.max_steps=20")
     assert summary["trainable_params"] < 0.2 * summary["params"]
     assert losses[-1] < losses[0]
-    base_dir = next((shared_cache() / "models").glob("tiny-opt*"))
+    from rlhf.models.load import resolve_path
+
+    base_dir = Path(resolve_path(compose_cfg().model, shared_cache()))
     base = load_file(str(base_dir / "model.safetensors"))
     tuned = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert set(base) == set(tuned), "merged save has the base model's keys (no adapter keys)"
@@ -95,7 +98,7 @@ def test_trained_engine_exports_bit_identical_logits(tmp_path, zero, lora):
 
     cfg = compose_cfg("stage=sft", f"zero={zero}", f"lora={lora}", *QUICK)
     init_distributed(cfg.hardware)
-    path = resolve_path(cfg.model, shared_cache() / "models")
+    path = resolve_path(cfg.model, shared_cache())
     tok = load_tokenizer(path, get_family("opt"))
     model = load_causal_lm(cfg.model, path)
     if cfg.lora.rank:

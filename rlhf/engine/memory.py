@@ -49,6 +49,10 @@ class DoesNotFit(MemoryError):
     """The chosen setting cannot hold its model states; the message names the smallest change that fits."""
 
 
+class UnknownSize(ValueError):
+    """Neither model.params_b nor an architecture the planner can build offline."""
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -257,7 +261,7 @@ def _hf_config(model_cfg, cache_dir: Optional[str]):
     if model_cfg.init == "tiny":
         from rlhf.models.load import resolve_path
 
-        return AutoConfig.from_pretrained(resolve_path(model_cfg, Path(cache_dir or ".cache") / "models"))
+        return AutoConfig.from_pretrained(resolve_path(model_cfg, Path(cache_dir or ".cache")))
     if family.needs_remote_code:
         return None  # building custom code is not planning: use model.params_b
     if model_cfg.arch:
@@ -293,7 +297,8 @@ def model_shape(model_cfg, cache_dir: Optional[str] = None, lora_targets: Option
     config = _hf_config(model_cfg, cache_dir)
     if config is None:
         if not model_cfg.params_b:
-            raise ValueError(f"model {model_cfg.name}: set model.params_b (or model.arch) so the planner knows its size")
+            raise UnknownSize(f"model {model_cfg.name}: set model.params_b (or model.arch) so the planner knows "
+                              "its size")
         return Shape(model_cfg.name, int(model_cfg.params_b * 1e9))
     total, largest, per_rank = _count_meta(config.to_json_string(use_diff=False), targets)
     source = "tiny" if model_cfg.init == "tiny" else ("arch" if model_cfg.arch else "local")
@@ -350,15 +355,26 @@ def _step3(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
     ])
 
 
-def _dpo(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
-    roles = [Role("policy", shape("model"), True, sc.lora_rank, sc.only_lora)]
+def _dpo(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
+    roles = [Role("policy", shape(model_key), True, sc.lora_rank, sc.only_lora)]
     if not cfg.dpo.precompute_ref:
-        roles.append(Role("reference", shape("model"), False))
+        roles.append(Role("reference", shape(model_key), False))
     return ("dpo", roles)
 
 
 def _inference(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
     return ("inference", [Role("model", shape("model"), False)])
+
+
+def _pipeline(cfg, shape, sc: Scenario) -> List[Tuple[str, List[Role]]]:
+    """The steps ``pipeline.steps`` runs: sft on the actor, rm on the reward model, then ppo or dpo."""
+    steps, algo = set(cfg.pipeline.steps), cfg.pipeline.algo
+    out = [_step1(cfg, shape, sc, "actor")] if 1 in steps else []
+    if 2 in steps and algo == "ppo":
+        out.append(_step2(cfg, shape, sc, "reward"))
+    if 3 in steps:
+        out.append(_step3(cfg, shape, sc) if algo == "ppo" else _dpo(cfg, shape, sc, "actor"))
+    return out
 
 
 # stage name -> the steps (each a list of models) whose memory the stage needs; unlisted: inference
@@ -368,8 +384,7 @@ STAGE_STEPS: Dict[str, Callable[..., List[Tuple[str, List[Role]]]]] = {
     "rm": lambda cfg, shape, sc: [_step2(cfg, shape, sc)],
     "ppo": lambda cfg, shape, sc: [_step3(cfg, shape, sc)],
     "dpo": lambda cfg, shape, sc: [_dpo(cfg, shape, sc)],
-    "pipeline": lambda cfg, shape, sc: [_step1(cfg, shape, sc, "actor"), _step2(cfg, shape, sc, "reward"),
-                                        _step3(cfg, shape, sc)],
+    "pipeline": _pipeline,
     "plan": lambda cfg, shape, sc: [_step1(cfg, shape, sc, "actor"), _step2(cfg, shape, sc, "reward"),
                                     _step3(cfg, shape, sc)],
 }
@@ -442,7 +457,9 @@ class Planner:
         base = self.current()
         others = [s for s in SETTINGS if s != base.setting]
         out = [self.with_setting(base, s) for s in others]
-        has_step3 = self.stage in ("ppo", "pipeline", "plan")
+        pipe = self.cfg.pipeline
+        has_step3 = self.stage in ("ppo", "plan") or (self.stage == "pipeline" and pipe.algo == "ppo"
+                                                        and 3 in pipe.steps)
         if has_step3 and not base.offload_reference:
             ref = replace(base, offload_reference=True, changes=["ppo.offload_reference=true"])
             out += [ref] + [self.with_setting(ref, s) for s in others]
@@ -556,7 +573,11 @@ def check_fits(cfg) -> None:
     if not cfg.plan.check:
         return
     planner = Planner(cfg)
-    outcome = planner.evaluate(planner.current())
+    try:
+        outcome = planner.evaluate(planner.current())
+    except UnknownSize as err:  # a hub model without params_b/arch: nothing to check against, not an error
+        log.warning("memory check skipped: %s", err)
+        return
     if outcome.fits:
         return
     m = outcome.scenario.machine

@@ -76,6 +76,17 @@ def all_reduce_mean(values: Dict[str, float]) -> Dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def all_gather_cat(t: torch.Tensor, device) -> torch.Tensor:
+    """Concatenation over ranks of equally shaped tensors (moved to ``device`` for the collective,
+    NCCL needs GPU tensors; returned on the CPU). Identity for one rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t.cpu()
+    t = t.to(device)
+    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts).cpu()
+
+
 @dataclass
 class OptimSpec:
     """What one trained engine needs besides the model: plain values from a stage's section."""

@@ -83,6 +83,7 @@ def fit(
     n_window = 0
     done = step >= n_total
     epoch, start_batch = state["epoch"], state["batch"]
+    engine.train()  # from_pretrained returns eval mode: dropout (when not disabled) must be on here
     while not done and epoch < spec.epochs:
         loader.sampler.set_epoch(epoch)
         for i, batch in enumerate(loader):

@@ -38,7 +38,7 @@ def run(cfg, run_dir=None, stdin: TextIO | None = None, stdout: TextIO | None = 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     # 1. model
     family = get_family(cfg.model.family)
-    path = resolve_path(cfg.model, Path(cfg.cache_dir) / "models")
+    path = resolve_path(cfg.model, Path(cfg.cache_dir))
     tokenizer = load_tokenizer(path, family, trust_remote_code=cfg.model.trust_remote_code)
     init = "pretrained" if cfg.model.init == "tiny" else None
     device = torch.device("cuda") if cfg.hardware.accelerator == "cuda" else torch.device("cpu")

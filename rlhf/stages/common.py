@@ -92,7 +92,7 @@ def model_path(ctx: Context, init_from: Optional[str], model_cfg=None) -> str:
         if not p.exists():
             raise FileNotFoundError(f"init_from={init_from}: no such directory")
         return str(p)
-    return resolve_path(model_cfg or ctx.cfg.model, ctx.cache_dir / "models")
+    return resolve_path(model_cfg or ctx.cfg.model, ctx.cache_dir)
 
 
 def family(ctx: Context, model_cfg=None) -> Family:

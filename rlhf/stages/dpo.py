@@ -22,13 +22,14 @@ Steps:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch
 import torch.distributed as dist
 
+from rlhf.algos.logprobs import sequence_logprobs
 from rlhf.data.collate import PairCollator
+from rlhf.engine.setup import all_gather_cat
 from rlhf.stages import common
 
 log = logging.getLogger(__name__)
@@ -54,23 +55,10 @@ def answer_logprobs(model, batch) -> torch.Tensor:
     sequence's first real token (any padding side).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    from rlhf.algos.logprobs import sequence_logprobs
-
     logits = model(input_ids=ids, attention_mask=mask).logits
     start = mask.argmax(dim=1) + batch["prompt_len"].repeat(2)  # first answer position per row
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     return sequence_logprobs(logits, ids, mask * (positions >= start.unsqueeze(1)))
-
-
-def policy_path(ctx) -> str:
-    """``dpo.init_from``, else ``actor.path``; a directory there (e.g. a step-1 output) is loaded
-    as it is, even when the actor group is a tiny spec (``actor.init=tiny``)."""
-    from omegaconf import OmegaConf
-
-    actor = ctx.cfg.actor
-    if actor.init == "tiny" and Path(str(actor.path)).expanduser().is_dir():
-        actor = OmegaConf.merge(actor, {"init": "pretrained"})
-    return common.model_path(ctx, ctx.cfg.dpo.init_from, model_cfg=actor)
 
 
 def run(cfg, run_dir=None) -> Dict[str, Any]:
@@ -85,7 +73,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 1. start
     ctx = common.start(cfg, "dpo", run_dir)
     # 2. data (step 2's share: the pairs the reward model would have used)
-    path = policy_path(ctx)
+    path = common.model_path(ctx, sec.init_from, model_cfg=actor)  # a tiny actor's path may be a directory
     tokenizer = common.load_tokenizer(ctx, path, model_cfg=actor)
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
     train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed))
@@ -139,8 +127,14 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         return out
 
     if mode == "precomputed":  # the starting policy is the reference: score every pair once
-        for split in datasets:
-            datasets[split] = _with_reference(datasets[split], engine, collate, sec.eval_batch_size, ctx)
+        was = engine.module.training
+        engine.eval()
+        for split, ds in datasets.items():
+            rows = make_loader(ds, sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed), shuffle=False)
+            ref = _by_row(rows, lambda batch: answer_logprobs(engine, batch), len(ds), ctx)
+            datasets[split] = ds.add_column("ref_chosen", ref[:, 0].tolist()).add_column("ref_rejected",
+                                                                                        ref[:, 1].tolist())
+        engine.train(was)
         loader, eval_loader = loaders()
 
     def step_fn(batch):
@@ -154,36 +148,34 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     def evaluate() -> Dict[str, float]:
         was = engine.module.training
         engine.eval()
-        logps, refs = [], []
-        for batch in eval_loader:
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            b = batch["prompt_len"].shape[0]
-            logps.append(answer_logprobs(engine, batch).view(2, b).T.float().cpu())
-            refs.append(ref_logprobs(batch).view(2, b).T.float().cpu())
+        n = len(datasets["eval"])
+        logp = _by_row(eval_loader, lambda batch: answer_logprobs(engine, batch), n, ctx)  # [N, 2]
+        ref = _by_row(eval_loader, ref_logprobs, n, ctx)
         engine.train(was)
-        logp, ref = torch.cat(logps), torch.cat(refs)  # [N, 2]: chosen, rejected
-        if dist.is_initialized() and ctx.world > 1:
-            logp, ref = _gather(logp, ctx.device), _gather(ref, ctx.device)
         loss, stats = dpo_loss(sec.loss, logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], sec.beta, sec.label_smoothing)
         # the policy's own preference (logp chosen > rejected): unlike the implicit-reward accuracy
         # (0 at the start, where policy == reference) it is also defined for the starting model
         return {"loss": float(loss), **{k: float(v) for k, v in stats.items()},
                 "logp_accuracy": float((logp[:, 0] > logp[:, 1]).float().mean())}
 
-    # 4. train
-    rule_initial = common.heldout_rule_rate(ctx, engine.module, tokenizer)
-    initial = evaluate()
-    ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items()}, step=0)
-    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker)
+    # 4. train (a resumed run restores the engine here, after the reference was taken from the start)
+    ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial": initial})
+    if meta is None:
+        initial = {**evaluate(), "rule_rate": common.heldout_rule_rate(ctx, engine.module, tokenizer)}
+        ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items() if v is not None}, step=0)
+    else:
+        initial = meta["extra"]["initial"]
+    engine.train()  # from_pretrained returns eval mode: without this, dropout (if kept) never acts
+    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save, score, summarise
     model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
     rule = common.heldout_rule_rate(ctx, engine.module, tokenizer)
     return common.finish(ctx, {
         "stage": "dpo", "model_dir": str(model_dir), "reference": mode, "reference_params": ref_params,
-        "loss": metrics["loss"], "accuracy": metrics["accuracy"], "chosen_reward": metrics["chosen_reward"],
+        "loss": metrics["loss"], "acc": metrics["accuracy"], "chosen_reward": metrics["chosen_reward"],
         "rejected_reward": metrics["rejected_reward"], "margin": metrics["margin"],
         "logp_accuracy": metrics["logp_accuracy"], "logp_accuracy_initial": initial["logp_accuracy"],
-        "rule_rate": rule, "rule_rate_initial": rule_initial,
+        "rule_rate": rule, "rule_rate_initial": initial["rule_rate"],
         "final_train_loss": metrics["final_train_loss"], "steps": metrics["steps"],
         "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
         "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
@@ -194,30 +186,20 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def _with_reference(ds, engine, collate: Callable, batch_size: int, ctx):
-    """``ds`` plus columns ref_chosen / ref_rejected: the (untrained) engine's answer log-probs,
-    each rank scoring its shard, gathered and put back in row order by ``idx``."""
-    from rlhf.engine.trainer import make_loader
-
-    was = engine.module.training
-    engine.eval()
+def _by_row(loader, score: Callable, n: int, ctx) -> torch.Tensor:
+    """[n, 2] (chosen, rejected) of ``score(batch) -> [2B]`` over a sharded, unshuffled loader of n
+    rows: every rank scores its shard, the results are gathered and put in row order by ``idx``
+    (a row the sampler repeats to even out the shards counts once)."""
     idx, vals = [], []
-    for batch in make_loader(ds, batch_size, collate, ctx.rank, ctx.world, int(ctx.cfg.seed), shuffle=False):
+    for batch in loader:
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         idx.append(batch["idx"].cpu())
-        vals.append(answer_logprobs(engine, batch).view(2, -1).T.float().cpu())
-    engine.train(was)
+        vals.append(score(batch).view(2, -1).T.float().cpu())
     idx, vals = torch.cat(idx), torch.cat(vals)
     if dist.is_initialized() and ctx.world > 1:
-        idx, vals = _gather(idx, ctx.device), _gather(vals, ctx.device)
-    table = torch.full((len(ds), 2), float("nan"))
+        idx, vals = all_gather_cat(idx, ctx.device), all_gather_cat(vals, ctx.device)
+    table = torch.full((n, 2), float("nan"))
     table[idx] = vals
-    return ds.add_column("ref_chosen", table[:, 0].tolist()).add_column("ref_rejected", table[:, 1].tolist())
-
-
-def _gather(t: torch.Tensor, device) -> torch.Tensor:
-    """Concatenation over ranks of equally shaped tensors (on ``device`` for the collective, back on CPU)."""
-    t = t.to(device)
-    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts).cpu()
+    if torch.isnan(table).any():
+        raise RuntimeError("some pairs were not scored: the loader must cover every row")
+    return table

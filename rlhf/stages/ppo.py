@@ -153,8 +153,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
                          f"ppo.train_batch_size={c.train_batch_size}: each rollout must split into whole mini-batches")
     # 1. start; which checkpoints
     ctx = common.start(cfg, "ppo", run_dir)
-    actor_path = resolve_path(cfg.actor, ctx.cache_dir / "models", key="actor")
-    critic_path = cfg.critic.path or resolve_path(cfg.reward, ctx.cache_dir / "models", key="reward")
+    actor_path = resolve_path(cfg.actor, ctx.cache_dir, key="actor")
+    critic_path = cfg.critic.path or resolve_path(cfg.reward, ctx.cache_dir, key="reward")
     if not Path(critic_path).exists() and cfg.critic.path:
         raise FileNotFoundError(f"critic.path={cfg.critic.path}: no such directory (a step-2 model dir)")
     actor_family, critic_family = get_family(cfg.actor.family), get_family(cfg.reward.family)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch
-import torch.distributed as dist
 
 from rlhf.stages import common
 
@@ -47,7 +46,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.blend import build_step_data
     from rlhf.data.collate import PairCollator
     from rlhf.data.tokenize import tokenize_pairs
-    from rlhf.engine.setup import build_train_engine
+    from rlhf.engine.setup import all_gather_cat, build_train_engine
     from rlhf.engine.trainer import LoopSpec, fit, make_loader, total_steps
     from rlhf.models.load import count_params
     from rlhf.models.lora import apply_lora
@@ -101,8 +100,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
             rejected.append(r.float().cpu())
         engine.train(was)
         c, r = torch.cat(chosen), torch.cat(rejected)
-        if dist.is_initialized() and ctx.world > 1:
-            c, r = _gather(c), _gather(r)
+        c, r = all_gather_cat(c, ctx.device), all_gather_cat(r, ctx.device)
         return {k: float(v) for k, v in ranking_metrics(c, r).items()}
 
     # 4. train
@@ -125,9 +123,3 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "params": n_params, "trainable_params": n_trainable, "train_pairs": len(train_ds),
         "dropped_pairs": train_stats.get("dropped", 0), "objective": metrics["acc"],
     })
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts)

@@ -1,0 +1,149 @@
+"""DPO stage on the tiny model and the demo data, starting from a real SFT run (the tiny preset).
+
+Observed on the shared 2-core CPU box (seed 1234, tiny-opt, one torch thread; deterministic run to
+run): the SFT model (eval ppl 1.65, rule rate 0.22) prefers the chosen answer (higher summed
+log-prob) on 0.8625 of the 80 eval pairs; the wrong-value pairs (about half) sit near chance, so
+the headroom is in learning the facts. The tiny preset (lr 1e-3, beta 0.5, 6 epochs = 300 steps,
+~25-40 s) lifts that to 0.9125, with implicit-reward accuracy 0.90, margin 5.7, eval loss 0.20.
+Held-out rule rate (64 unseen prompt strings): 0.22 -> 0.25 here, but 0.25 -> 0.22..0.33 over
+other SFT starts and settings while tuning: within noise, so DPO on this tiny run does NOT reliably
+raise it and only "does not fall apart" is asserted (lr 2e-3 does break it: 0.02).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import compose_cfg
+
+pytestmark = pytest.mark.slow  # every test here needs the module's SFT run (~25 s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a busy 2-core box two torch threads run tens of times slower than one (SFT: 12 min vs 21 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory, one_thread):
+    from rlhf.stages import sft
+
+    run_dir = tmp_path_factory.mktemp("sft")
+    out = sft.run(compose_cfg("stage=sft", "logger=none", "logger.progress=false", run_dir=run_dir))
+    return out["model_dir"]
+
+
+def run_dpo(sft_dir, run_dir, *overrides):
+    from rlhf.stages import dpo
+
+    cfg = compose_cfg("stage=dpo", "logger=none", "logger.progress=false", f"actor.path={sft_dir}", *overrides,
+                      run_dir=run_dir)
+    return dpo.run(cfg)
+
+
+def metrics(run_dir, key):
+    """[(step, value)] of one metric from <run_dir>/metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    """Counts causal LMs the stage loads (policy, reference copy): every load goes through here."""
+    import rlhf.models.load as load
+
+    calls = []
+    real = load.load_causal_lm
+
+    def counted(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else kwargs.get("path"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(load, "load_causal_lm", counted)
+    return calls
+
+
+def test_dpo_raises_heldout_preference_accuracy(sft_dir, tmp_path):
+    out = run_dpo(sft_dir, tmp_path, "dpo.precompute_ref=true")  # the preset: 300 steps, ~25 s
+    # before training the policy is the reference: the sigmoid loss is log 2, every reward 0
+    (_, loss0), = metrics(tmp_path, "eval/loss_initial")
+    assert loss0 == pytest.approx(math.log(2), abs=1e-6)
+    # the policy's own preference on held-out pairs, SFT vs DPO (observed 0.8625 -> 0.9125)
+    assert out["logp_accuracy"] >= out["logp_accuracy_initial"] + 0.025, out  # 2 of 80 pairs
+    assert out["logp_accuracy"] >= 0.85, out
+    # the implicit reward beta * log(pi / pi_ref) ranks held-out pairs well above chance (observed 0.90)
+    assert out["acc"] >= 0.8, out
+    assert out["chosen_reward"] > out["rejected_reward"] and out["margin"] > 1.0
+    # the loss went down in training, and eval loss is below log 2
+    losses = [v for _, v in metrics(tmp_path, "train/loss")]
+    assert sum(losses[-20:]) / 20 < 0.5 < losses[0] and out["loss"] < 0.5
+    # generation still works: the held-out rule rate does not fall apart (observed 0.22 -> 0.25)
+    assert out["rule_rate"] >= out["rule_rate_initial"] - 0.1, out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stage"] == "dpo" and summary["reference"] == "precomputed" and summary["steps"] == 300
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled(sft_dir, tmp_path, count_loads):
+    from transformers import AutoModelForCausalLM
+
+    out = run_dpo(sft_dir, tmp_path, "lora=r8", "dpo.max_steps=10")
+    # one causal LM loaded in all (the policy); no reference copy, no reference parameters held
+    assert count_loads == [sft_dir]
+    assert out["reference"] == "adapters-disabled" and out["reference_params"] == 0
+    # only the adapters train: the base, which is the reference, cannot move
+    assert 0 < out["trainable_params"] < 0.1 * out["params"]
+    # at the start the adapters-disabled model equals the policy (B = 0): loss log 2, zero rewards
+    (_, loss0), = metrics(tmp_path, "eval/loss_initial")
+    (_, margin0), = metrics(tmp_path, "eval/margin_initial")
+    assert loss0 == pytest.approx(math.log(2), abs=1e-6) and margin0 == 0.0
+    # training moved the policy away from the reference
+    assert out["margin"] > 0.0 and out["loss"] < math.log(2)
+    # the exported policy has the adapters merged: plain transformers, no peft keys, and it differs
+    # from the SFT model it started from
+    merged = AutoModelForCausalLM.from_pretrained(out["model_dir"])
+    start = AutoModelForCausalLM.from_pretrained(sft_dir)
+    assert not any("lora" in k for k in merged.state_dict())
+    diff = sum(float((a - b).abs().sum()) for a, b in zip(merged.state_dict().values(), start.state_dict().values()))
+    assert diff > 0
+
+
+def test_precomputed_reference_matches_live_reference(sft_dir, tmp_path, count_loads):
+    live = run_dpo(sft_dir, tmp_path / "live", "dpo.max_steps=12", "dpo.eval_every=4")
+    assert live["reference"] == "copy" and live["reference_params"] == live["params"]
+    assert count_loads == [sft_dir, sft_dir]  # policy + frozen copy
+    pre = run_dpo(sft_dir, tmp_path / "pre", "dpo.max_steps=12", "dpo.eval_every=4", "dpo.precompute_ref=true")
+    assert pre["reference"] == "precomputed" and pre["reference_params"] == 0
+    assert count_loads == [sft_dir] * 3  # the precomputed run loads the policy only
+    for key in ("train/loss", "train/margin", "eval/loss", "eval/margin"):
+        a, b = metrics(tmp_path / "live", key), metrics(tmp_path / "pre", key)
+        assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
+        assert [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-6), key  # observed: identical
+    assert live["loss"] == pytest.approx(pre["loss"], abs=1e-6)
+
+
+def test_saved_policy_reloads_with_transformers_alone(sft_dir, tmp_path):
+    """The output dir holds only HF files; a fresh interpreter without this project loads it."""
+    import subprocess
+    import sys
+
+    out = run_dpo(sft_dir, tmp_path, "dpo.max_steps=3", "dpo.precompute_ref=true")
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "import torch\n"
+        f"d = {out['model_dir']!r}\n"
+        "m = AutoModelForCausalLM.from_pretrained(d); t = AutoTokenizer.from_pretrained(d)\n"
+        "ids = t('Human: What is 2 plus 3?\\n Assistant:', return_tensors='pt').input_ids\n"
+        "print(m.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1])\n"
+        "print('rlhf' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["True", "False"]
