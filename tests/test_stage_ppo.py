@@ -1,0 +1,106 @@
+"""Step 3 and the one-command pipeline on the tiny default (what `make run` runs)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import ROOT, shared_cache
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def cli(*args, timeout=1200, **kw):
+    out = subprocess.run([sys.executable, "run.py", "logger=none", "logger.progress=false",
+                          f"cache_dir={shared_cache()}", *args], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=timeout, **kw)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """`python run.py` with no stage: the default SFT -> RM -> PPO pipeline on the tiny default."""
+    run_dir = tmp_path_factory.mktemp("pipeline")
+    out = cli(f"run_dir={run_dir}")
+    return run_dir, out.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
+    run_dir, stdout = pipeline_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["steps"]) == {"sft", "rm", "ppo"}
+    for step in ("sft", "rm", "ppo"):
+        assert (run_dir / step / "summary.json").exists()
+        assert (run_dir / step / "model" / "config.json").exists()
+    assert "| sft | eval_ppl |" in stdout and "| ppo | reward_mean |" in stdout
+    rm = summary["steps"]["rm"]
+    assert rm["acc"] >= 0.85, rm  # observed 0.88-0.93 on the tiny demo
+    AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "model")  # transformers alone
+
+
+@pytest.mark.slow
+def test_ppo_raises_heldout_rule_rate_with_bounded_kl(pipeline_run):
+    run_dir, _ = pipeline_run
+    ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
+    sft = json.loads((run_dir / "sft" / "summary.json").read_text())
+    # the PPO stage scores the SFT actor itself before training: the same number as step 1's
+    assert ppo["rule_rate_start"] == pytest.approx(sft["rule_rate"])
+    # observed: 0.22 -> 0.27-0.28 held-out (64 prompts), KL to the reference ~0.3-0.7 nats/sequence
+    assert ppo["rule_rate"] > ppo["rule_rate_start"]
+    assert 0.0 <= ppo["kl"] < 2.0
+    rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["train/reward"] for r in rows if "train/reward" in r]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    for key in ("generation_time_s", "train_time_s", "gen_tokens_per_s", "samples_per_s"):
+        assert ppo[key] > 0
+
+
+@pytest.mark.slow
+def test_lora_actor_and_critic_train_and_ema_is_saved(pipeline_run, tmp_path):
+    run_dir, _ = pipeline_run
+    cli("stage=ppo", f"actor.path={run_dir / 'sft' / 'model'}", f"critic.path={run_dir / 'rm' / 'model'}",
+        "lora=r8", "ppo.critic_lora=true", "ppo.ema=true", "ppo.max_steps=4", f"run_dir={tmp_path}")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["hybrid_path"] == "replica"  # LoRA fused into a generation replica
+    assert summary["trainable_params"] < 0.2 * summary["params"]
+    before = load_file(str(run_dir / "sft" / "model" / "model.safetensors"))
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the LoRA actor did not change"
+    critic_before = load_file(str(run_dir / "rm" / "model" / "model.safetensors"))
+    critic_after = load_file(str(tmp_path / "critic" / "model.safetensors"))
+    assert any(not torch.equal(critic_before[k], critic_after[k]) for k in critic_before)
+    ema = AutoModelForCausalLM.from_pretrained(tmp_path / "ema")
+    ema_w = dict(ema.named_parameters())
+    k = next(k for k in before if "q_proj.weight" in k)
+    # EMA with beta 0.992 over 4 steps stays between the start and the trained weights, near the start
+    d_ema = (ema_w[k].detach() - before[k]).norm()
+    d_actor = (after[k] - before[k]).norm()
+    assert 0 < d_ema < d_actor
+
+
+@pytest.mark.slow
+def test_chat_answers_scripted_input(pipeline_run):
+    run_dir, _ = pipeline_run
+    out = cli("stage=chat", f"model.path={run_dir / 'ppo' / 'model'}", "chat.max_new_tokens=12",
+              input="What is 2 plus 3?\nclear\nIs 14 even or odd?\nquit\nnever read\n")
+    answers = [line for line in out.stdout.splitlines() if line.strip()]
+    assert len(answers) == 2, out.stdout  # two questions answered, 'clear' silent, 'quit' stops
+    # the trained actor answers in the demo's formats (the values may be wrong: it is a tiny model)
+    assert answers[0].startswith("The answer is") and answers[1].startswith("It is"), answers
+
+
+def test_ppo_rejects_batch_sizes_that_do_not_divide(tmp_path):
+    out = subprocess.run([sys.executable, "run.py", "stage=ppo", "logger=none", "ppo.generation_batch_size=10",
+                          "ppo.train_batch_size=4", f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "ppo.generation_batch_size=10" in out.stderr and "ppo.train_batch_size=4" in out.stderr
