@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf.algos.dpo import DPO_LOSSES, dpo_loss
+from tests.numeric import close, softplus
 
 T = torch.tensor
 
@@ -16,15 +17,6 @@ PC, PR = T([-1.0, -3.0]), T([-2.0, -1.0])
 RC, RR = T([-1.5, -2.0]), T([-1.5, -2.0])
 
 
-def close(actual, expected, tol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
-                               torch.as_tensor(expected, dtype=torch.float64),
-                               atol=tol, rtol=0)
-
-
-def softplus(x):
-    """-logsigmoid(-x) = log(1 + e^x), written out for the expectations."""
-    return math.log(1.0 + math.exp(x))
 
 
 def test_registry_names():

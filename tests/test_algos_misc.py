@@ -8,19 +8,11 @@ import torch
 from rlhf.algos.ema import EMA, ema_update
 from rlhf.algos.logprobs import gather_logprobs, masked_mean, masked_var, sequence_logprobs
 from rlhf.algos.ranking import divergent_pairwise_loss, pairwise_loss, ranking_metrics
+from tests.numeric import close, softplus
 
 T = torch.tensor
 
 
-def close(actual, expected, tol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
-                               torch.as_tensor(expected, dtype=torch.float64),
-                               atol=tol, rtol=0)
-
-
-def softplus(x):
-    """-logsigmoid(-x) = log(1 + e^x)."""
-    return math.log(1.0 + math.exp(x))
 
 
 # ---------------------------------------------------------------- log-probs

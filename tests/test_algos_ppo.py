@@ -9,14 +9,10 @@ from rlhf.algos.logprobs import masked_whiten
 from rlhf.algos.ppo import (AdaptiveKLController, FixedKLController, gae_advantages,
                             kl_estimates, kl_penalized_rewards, last_true_index, policy_loss,
                             value_loss)
+from tests.numeric import close
 
 T = torch.tensor
 
-
-def close(actual, expected, tol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
-                               torch.as_tensor(expected, dtype=torch.float64),
-                               atol=tol, rtol=0)
 
 
 # ---------------------------------------------------------------- rewards

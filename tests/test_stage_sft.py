@@ -89,7 +89,6 @@ def test_trained_engine_exports_bit_identical_logits(tmp_path, zero, lora):
     transformers alone: logits match the engine's own."""
     from omegaconf import OmegaConf
 
-    from rlhf.config import SFTConfig
     from rlhf.engine.setup import build_train_engine, gathered, init_distributed
     from rlhf.models.families import get_family
     from rlhf.models.load import load_causal_lm, load_tokenizer, resolve_path, save_hf

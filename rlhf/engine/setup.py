@@ -7,7 +7,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch

@@ -139,6 +139,19 @@ def param_groups(ctx: Context, model, lr: float, weight_decay: float) -> List[di
     return lora_param_groups(model, ctx.cfg.lora, lr, weight_decay)
 
 
+def train_engine(ctx: Context, model, section, n_steps: int):
+    """DeepSpeed training engine for a stage's model with its section's optimiser settings.
+    Returns (engine, total params, trainable params)."""
+    from rlhf.engine.setup import build_train_engine
+    from rlhf.models.load import count_params
+
+    n_params, n_trainable = count_params(model)
+    groups = param_groups(ctx, model, section.lr, section.weight_decay)
+    engine = build_train_engine(model, groups, optim_spec(section, n_steps, ctx.world), ctx.cfg.zero,
+                                ctx.cfg.hardware, ctx.world)
+    return engine, n_params, n_trainable
+
+
 def export_hf(ctx: Context, module, tokenizer, out_dir: Path, save=None) -> Path:
     """Save the full model (LoRA merged, ZeRO-3 gathered) as an HF directory on rank 0.
 

@@ -65,7 +65,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.algos.dpo import dpo_loss
     from rlhf.data.blend import build_step_data
     from rlhf.data.tokenize import tokenize_pairs
-    from rlhf.engine.setup import build_eval_engine, build_train_engine
+    from rlhf.engine.setup import build_eval_engine
     from rlhf.engine.trainer import LoopSpec, fit, make_loader, total_steps
     from rlhf.models.load import count_params
 
@@ -100,10 +100,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
             log.warning("dpo with LoRA trains the adapters only (the adapters-disabled model is the reference)")
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
-    n_params, n_trainable = count_params(model)
-    groups = common.param_groups(ctx, model, sec.lr, sec.weight_decay)
-    engine = build_train_engine(model, groups, common.optim_spec(sec, n_steps, ctx.world), cfg.zero,
-                                cfg.hardware, ctx.world)
+    engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
     ref_params = 0
     if mode == "copy":
         ref_model = common.load_policy(ctx, path, disable_dropout=True, gradient_checkpointing=False, lora=False,

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-import torch.distributed as dist
 
 from rlhf.algos import ppo as P
-from rlhf.algos.logprobs import masked_mean, masked_whiten
+from rlhf.algos.logprobs import masked_whiten
 from rlhf.engine.rlhf_engine import RLHFEngine, critic_values, policy_logprobs, reward_scores
 from rlhf.stages import common
 

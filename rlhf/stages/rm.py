@@ -46,9 +46,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.blend import build_step_data
     from rlhf.data.collate import PairCollator
     from rlhf.data.tokenize import tokenize_pairs
-    from rlhf.engine.setup import all_gather_cat, build_train_engine
+    from rlhf.engine.setup import all_gather_cat
     from rlhf.engine.trainer import LoopSpec, fit, make_loader, total_steps
-    from rlhf.models.load import count_params
     from rlhf.models.lora import apply_lora
     from rlhf.models.reward import load_reward_model, save_reward_model
 
@@ -78,10 +77,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         model.gradient_checkpointing_enable()
     if cfg.lora.rank > 0:
         model.base = apply_lora(model.base, cfg.lora, common.family(ctx))
-    n_params, n_trainable = count_params(model)
-    groups = common.param_groups(ctx, model, sec.lr, sec.weight_decay)
-    engine = build_train_engine(model, groups, common.optim_spec(sec, n_steps, ctx.world), cfg.zero,
-                                cfg.hardware, ctx.world)
+    engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
 
     def step_fn(batch):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}

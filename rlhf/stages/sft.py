@@ -25,9 +25,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.blend import build_step_data
     from rlhf.data.collate import SFTCollator
     from rlhf.data.tokenize import tokenize_sft
-    from rlhf.engine.setup import build_train_engine
     from rlhf.engine.trainer import LoopSpec, fit, make_loader, total_steps
-    from rlhf.models.load import count_params
 
     sec = cfg.sft
     # 1. start
@@ -50,10 +48,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 3. model and engine
     model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
                                gradient_checkpointing=sec.gradient_checkpointing)
-    n_params, n_trainable = count_params(model)
-    groups = common.param_groups(ctx, model, sec.lr, sec.weight_decay)
-    engine = build_train_engine(model, groups, common.optim_spec(sec, n_steps, ctx.world), cfg.zero,
-                                cfg.hardware, ctx.world)
+    engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
 
     def step_fn(batch):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}

@@ -1,0 +1,61 @@
+"""Bad input fails early with a message that names the key or file to fix."""
+from __future__ import annotations
+
+import pytest
+
+from rlhf.stages import get_stage, pipeline, sft
+from tests.conftest import compose_cfg
+
+QUICK = ("logger=none", "logger.progress=false", "data.demo_size=400")
+
+
+def test_unknown_stage_lists_the_known_ones():
+    with pytest.raises(ValueError, match="stage.name='sfft'.*known stages: .*sft"):
+        get_stage("sfft")
+
+
+def test_missing_model_path_names_the_key(tmp_path):
+    cfg = compose_cfg("stage=sft", *QUICK, "model=opt-125m", f"model.path={tmp_path / 'no-such-model'}",
+                      run_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.path=.*no-such-model"):
+        sft.run(cfg)
+
+
+def test_model_dir_without_weights_names_it(tmp_path):
+    d = tmp_path / "empty-model"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "opt"}')
+    cfg = compose_cfg("stage=sft", *QUICK, "model=opt-125m", f"model.path={d}", run_dir=tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        sft.run(cfg)
+
+
+def test_step3_without_the_earlier_steps_output(tmp_path):
+    cfg = compose_cfg("stage=pipeline", *QUICK, "pipeline.steps=[3]", run_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="needs the sft step's model.*pipeline.steps.*actor.path"):
+        pipeline.plan(cfg, tmp_path)
+
+
+def test_lora_target_that_does_not_exist(tmp_path):
+    cfg = compose_cfg("stage=sft", *QUICK, "lora=r8", "lora.target_modules=[query_key_value]", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="query_key_value"):
+        sft.run(cfg)
+
+
+def test_accumulation_larger_than_an_epoch(tmp_path):
+    cfg = compose_cfg("stage=sft", *QUICK, "sft.grad_accum=100000", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="sft.grad_accum=100000"):
+        sft.run(cfg)
+
+
+def test_remote_code_family_needs_the_opt_in(tmp_path):
+    cfg = compose_cfg("stage=sft", *QUICK, "model=opt-125m", "model.family=chatglm", "model.path=THUDM/chatglm-6b",
+                      run_dir=tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        sft.run(cfg)
+
+
+def test_half_precision_on_cpu_names_the_profile(tmp_path):
+    cfg = compose_cfg("stage=sft", *QUICK, "hardware.precision=fp16", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="hardware.precision=fp16"):
+        sft.run(cfg)
