@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+SWEEP  ?= zero_offload
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-fast bench sweep clean
@@ -33,8 +34,11 @@ test: $(STAMP) ## run the whole test suite
 test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-bench: $(STAMP) ## benchmark sweep on the tiny models (tables under multirun/)
+bench: $(STAMP) ## ZeRO/offload benchmark sweep on the tiny models (table.md/csv/png under multirun/)
 	$(PY) run.py -m sweep=zero_offload $(ARGS)
+
+sweep: $(STAMP) ## any sweep: make sweep SWEEP=lora_rank ARGS="model=opt-1.3b hardware=a6000"
+	$(PY) run.py -m sweep=$(SWEEP) $(ARGS)
 
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .cache outputs multirun .pytest_cache

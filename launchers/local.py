@@ -108,6 +108,8 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
         if not multirun:
             raise
         log.error("job failed; the sweep goes on: %s", err)
+        if task is not None and task.rank != 0:  # rank 0 of a Slurm job writes the job's summary
+            return dict(classify(err), objective=None)
         return record_failure(run_dir, err, cfg)
 
 

@@ -28,7 +28,7 @@ import logging
 import math
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,8 +41,8 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-EPOCH_SIZE_KEYS = ("train_rows", "train_pairs", "train_prompts", "train_samples")  # summary.json keys
-STEP_OF_STAGE = {"sft": 1, "rm": 2, "ppo": 3}  # DeepSpeed-Chat step of each stage (dschat_e2e)
+EPOCH_SIZE_KEYS = ("train_rows", "train_pairs", "prompts", "train_prompts")  # summary.json: samples per epoch
+STEP_OF_STAGE = {"sft": 1, "rm": 2, "ppo": 3, "dpo": 3}  # DeepSpeed-Chat step of each stage (dschat_e2e)
 
 
 # ---------------------------------------------------------------- jobs
@@ -81,8 +81,7 @@ class Job:
         return node
 
     def metric(self, key: str) -> Optional[float]:
-        v = (self.summary or {}).get(key)
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        return _num(self.summary, key)
 
     @property
     def section(self) -> Dict[str, Any]:
@@ -127,15 +126,38 @@ def s_per_sample(job: Job) -> Optional[float]:
     return 1.0 / sps if sps else None
 
 
-def epoch_hours(job: Job) -> Optional[float]:
-    """Hours for the stage's configured epochs at the measured throughput (few-step runs extrapolate)."""
-    sps = job.metric("samples_per_s")
-    rows = next((job.metric(k) for k in EPOCH_SIZE_KEYS if job.metric(k) is not None), None)
+def _num(d: Optional[Dict[str, Any]], key: str) -> Optional[float]:
+    v = (d or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def epoch_hours(job: Job, summary: Optional[Dict[str, Any]] = None, stage: Optional[str] = None) -> Optional[float]:
+    """Hours for the stage's configured epochs at the measured throughput (few-step runs extrapolate).
+
+    ``summary``/``stage``: one step of a pipeline job (default: the job's own summary and stage).
+    """
+    summary = job.summary if summary is None else summary
+    sec = job.section if stage is None else (job.cfg.get(stage) or {})
+    sps = _num(summary, "samples_per_s")
+    rows = next((_num(summary, k) for k in EPOCH_SIZE_KEYS if _num(summary, k) is not None), None)
     if sps and rows:
-        epochs = job.section.get("epochs", 1) or 1
-        return rows * epochs / sps / 3600.0
-    wall = job.metric("wall_time_s")
+        return rows * (sec.get("epochs", 1) or 1) / sps / 3600.0
+    wall = _num(summary, "wall_time_s")
     return wall / 3600.0 if wall is not None else None
+
+
+def step_summaries(job: Job) -> Dict[int, Tuple[str, Optional[Dict[str, Any]]]]:
+    """DeepSpeed-Chat step -> (stage, summary) of a job; a pipeline job holds one per step it ran."""
+    steps = (job.summary or {}).get("steps")
+    if isinstance(steps, dict):
+        return {STEP_OF_STAGE[name]: (name, sub) for name, sub in steps.items() if name in STEP_OF_STAGE}
+    stage = str(job.get("stage.name"))
+    if stage in STEP_OF_STAGE:
+        return {STEP_OF_STAGE[stage]: (stage, job.summary)}
+    if stage == "pipeline":  # failed before any step reported: every step it was to run
+        names = {1: "sft", 2: "rm", 3: str(job.get("pipeline.algo", "ppo"))}
+        return {n: (names[n], None) for n in job.get("pipeline.steps", [1, 2, 3]) if n in names}
+    return {}
 
 
 def zero_setting(job: Job) -> str:
@@ -187,8 +209,13 @@ def _cfg(key: str, default: Any = "") -> Callable[[Job], Any]:
     return lambda job: job.get(key, default)
 
 
-def _sum(key: str) -> Callable[[Job], Optional[float]]:
+def _metric(key: str) -> Callable[[Job], Optional[float]]:
     return lambda job: job.metric(key)
+
+
+def epoch_minutes(job: Job) -> Optional[float]:
+    hours = epoch_hours(job)
+    return hours * 60 if hours is not None else None
 
 
 ZERO_OFFLOAD: List[Column] = [
@@ -207,8 +234,8 @@ ZERO_OFFLOAD: List[Column] = [
     ("precision", precision),
     ("hours/epoch", _metric_or_status(epoch_hours)),
     ("s/sample", _metric_or_status(s_per_sample)),
-    ("host mem GB", _metric_or_status(_sum("peak_host_mem_gb"))),
-    ("GPU mem GB", _metric_or_status(_sum("peak_gpu_mem_gb"))),
+    ("host mem GB", _metric_or_status(_metric("peak_host_mem_gb"))),
+    ("GPU mem GB", _metric_or_status(_metric("peak_gpu_mem_gb"))),
     ("status", status_cell),
 ]
 
@@ -221,10 +248,10 @@ LORA_RANK: List[Column] = [
     ("trainable params", lambda j: (j.summary or {}).get("trainable_params", "")),
     ("params", lambda j: (j.summary or {}).get("params", "")),
     ("batch size", batch_size),
-    ("GPU mem GB", _metric_or_status(_sum("peak_gpu_mem_gb"))),
-    ("host mem GB", _metric_or_status(_sum("peak_host_mem_gb"))),
+    ("GPU mem GB", _metric_or_status(_metric("peak_gpu_mem_gb"))),
+    ("host mem GB", _metric_or_status(_metric("peak_host_mem_gb"))),
     ("s/sample", _metric_or_status(s_per_sample)),
-    ("minutes/epoch", _metric_or_status(lambda j: (epoch_hours(j) or 0) * 60 if epoch_hours(j) is not None else None)),
+    ("minutes/epoch", _metric_or_status(epoch_minutes)),
     ("status", status_cell),
 ]
 
@@ -240,28 +267,30 @@ def generic_columns(jobs: Sequence[Job]) -> List[Column]:
     return [("job", lambda j: j.num), *[(k, override(k)) for k in keys], ("status", status_cell),
             ("objective", lambda j: (j.summary or {}).get("objective")),
             ("s/sample", _metric_or_status(s_per_sample)),
-            ("wall time s", _sum("wall_time_s")),
-            ("host mem GB", _metric_or_status(_sum("peak_host_mem_gb"))),
-            ("GPU mem GB", _metric_or_status(_sum("peak_gpu_mem_gb")))]
+            ("wall time s", _metric("wall_time_s")),
+            ("host mem GB", _metric_or_status(_metric("peak_host_mem_gb"))),
+            ("GPU mem GB", _metric_or_status(_metric("peak_gpu_mem_gb")))]
 
 
 def dschat_e2e_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
-    """DeepSpeed-Chat's end-to-end table: one row per (model, reward model, hardware), hours per step."""
+    """DeepSpeed-Chat's end-to-end table: one row per (actor, reward model, hardware), hours per step."""
     header = ["setup", "GPUs", "step 1 h", "step 2 h", "step 3 h", "total h"]
     rows: Dict[Tuple, Dict[int, Any]] = {}
     for job in jobs:
-        step = STEP_OF_STAGE.get(str(job.get("stage.name")))
-        if step is None:
-            continue
-        model = job.get("model.name") if step < 3 else job.get("actor.name", job.get("model.name"))
-        key = (model, job.get("hardware.name"), gpus(job))
-        rows.setdefault(key, {})[step] = epoch_hours(job) if job.ok else job.status
+        pipeline = job.get("stage.name") == "pipeline"
+        actor = job.get("actor.name") if pipeline else job.get("model.name")
+        reward = job.get("reward.name") if pipeline else job.get("model.name")
+        key = (actor, reward, job.get("hardware.name"), gpus(job))
+        cells = rows.setdefault(key, {})
+        for step, (stage, summary) in step_summaries(job).items():
+            cells[step] = epoch_hours(job, summary, stage) if job.ok and summary else job.status
     out = []
-    for (model, hw, n), steps in rows.items():
+    for (actor, reward, hw, n), steps in rows.items():
         cells = [steps.get(s, "not run") for s in (1, 2, 3)]
-        done = [c for c in cells if isinstance(c, float)]
-        total = sum(done) if len(done) == len([c for c in cells if c != "not run"]) and done else ""
-        out.append([f"{model} on {hw}", n, *cells, total])
+        ran = [c for c in cells if c != "not run"]
+        total = sum(ran) if ran and all(isinstance(c, float) for c in ran) else ""
+        setup = f"{actor} on {hw}" if actor == reward else f"{actor} + {reward} RM on {hw}"
+        out.append([setup, n, *cells, total])
     return header, out
 
 
@@ -438,8 +467,8 @@ def collect(sweep_dir: str | Path, table: str = "auto", out_dir: str | Path | No
     if expected:
         notes.append("Published numbers for comparison: " + ", ".join(f"sweeps/expected/{p.name}" for p in expected))
     if name == "dschat_e2e":
-        notes.append("Steps run so far: " + ", ".join(sorted({str(j.get('stage.name')) for j in jobs})) +
-                     "; 'not run' cells fill in as the sweep's stage list grows.")
+        notes.append("Each step's hours = its epoch size x epochs / its measured samples/s; "
+                     "'not run' = a step the job did not run (pipeline.steps).")
     title = f"{sweep_name(sweep_dir) or name} — {sweep_dir.name}"
     write_markdown(out / "table.md", title, header, rows, notes)
     write_csv(out / "table.csv", header, rows)

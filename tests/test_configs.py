@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from rlhf import config as schema
 from tests.conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "stage", "hardware", "zero", "lora", "data", "logger", "debug", "experiment"]
+GROUPS = ["model", "stage", "hardware", "zero", "lora", "data", "logger", "debug", "experiment", "sweep",
+          "hparams_search", "model_hardware"]
 
 
 def options(group: str) -> list[str]:

@@ -43,7 +43,7 @@ def step_models(tmp_path_factory):
 STAGES = {
     "sft": (["stage=sft", "sft.max_steps=12"], "eval_ppl"),
     "rm": (["stage=rm", "rm.max_steps=12"], "acc"),
-    "dpo": (["stage=dpo", "dpo.max_steps=12"], "eval_accuracy"),
+    "dpo": (["stage=dpo", "dpo.max_steps=12"], "acc"),
     "ppo": (["stage=ppo", "ppo.max_steps=12", "ppo.ema=true", "ppo.generation_batch_size=16",
              "ppo.train_batch_size=16"], "reward_mean"),
 }

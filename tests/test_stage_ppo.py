@@ -68,7 +68,8 @@ def test_ppo_raises_heldout_rule_rate_with_bounded_kl(pipeline_run):
 def test_lora_actor_and_critic_train_with_ptx_and_ema_is_saved(pipeline_run, tmp_path):
     run_dir, _ = pipeline_run
     cli("stage=ppo", f"actor.path={run_dir / 'sft' / 'model'}", f"critic.path={run_dir / 'rm' / 'model'}",
-        "lora=r8", "ppo.critic_lora=true", "ppo.ema=true", "ppo.ptx=true", "ppo.max_steps=4", f"run_dir={tmp_path}")
+        "lora=r8", "lora.only_optimize_lora=true", "ppo.critic_lora=true", "ppo.ema=true", "ppo.ptx=true",
+        "ppo.max_steps=4", f"run_dir={tmp_path}")
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     ptx = [r["train/ptx_loss"] for r in rows if "train/ptx_loss" in r]

@@ -46,6 +46,9 @@ class Context:
 
 def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context:
     """Join the process group, seed, open tracking in ``run_dir`` (default: cfg.run_dir)."""
+    from rlhf.engine.memory import check_fits
+
+    check_fits(cfg)  # before anything is allocated: stop with the smallest change that fits
     rank, world = init_distributed(cfg.hardware)
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir or cfg.run_dir)

@@ -1,0 +1,184 @@
+"""Memory planner: model-state bytes checked against hand arithmetic and DeepSpeed's own estimators;
+the plan stage prints every ZeRO x offload choice and names the smallest change that fits."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rlhf.engine.memory import (GB, DoesNotFit, Machine, Role, Setting, Shape, check_fits, frozen_states,
+                                make_plan, model_shape, role_states, step_states, trained_states)
+from tests.conftest import ROOT, compose_cfg
+
+P = 1_000_000_000  # a 1B-parameter model
+L = 100_000_000  # its largest layer
+B = 1.5  # DeepSpeed's additional_buffer_factor
+
+
+def states(stage, opt=False, par=False, g=8, m=1, w=2):
+    return trained_states(P, stage=stage, offload_optimizer=opt, offload_param=par, gpus_per_node=g, nodes=m,
+                          largest_layer=L, weight_bytes=w)
+
+
+@pytest.mark.parametrize("stage,opt,par,gpu_bytes", [
+    # 16-bit weights on 8 GPUs. Per parameter: weights 2, gradients 2, optimizer side 16
+    # (fp32 master 4 + fp32 gradient 4 + Adam moments 8).
+    (0, False, False, 20 * P),                    # 2 + 2 + 16 = 20 bytes, nothing sharded
+    (1, False, False, 4 * P + 16 * P / 8),        # weights + grads replicated, 16/8 = 2: 6e9
+    (2, False, False, 2 * P + 18 * P / 8),        # weights replicated, (2 + 16)/8: 4.25e9
+    (2, True, False, 2 * P),                      # optimizer and gradients on the CPU: 2e9
+    (3, False, False, 4 * L + 18 * P / 8),        # 4L gather buffer + everything / 8: 0.4e9 + 2.25e9
+    (3, True, False, 4 * L + 2 * P / 8),          # weights' share stays: 0.4e9 + 0.25e9
+    (3, True, True, 4 * L),                       # only the gather buffer: 0.4e9
+])
+def test_trained_gpu_bytes_by_hand(stage, opt, par, gpu_bytes):
+    assert states(stage, opt, par).gpu == pytest.approx(gpu_bytes, abs=8)
+
+
+def test_trained_host_bytes_by_hand():
+    load8 = 4 * P * 8 * B  # 8 ranks each load the fp32 model: 48e9
+    assert states(0).host == pytest.approx(load8)
+    assert states(2, opt=True).host == pytest.approx(max(4 * 8, 16) * P * B)  # 48e9
+    one = dict(g=1)
+    assert states(2, opt=True, **one).host == pytest.approx(16 * P * B)  # 24e9 of offloaded optimizer
+    assert states(3, opt=True, **one).host == pytest.approx(16 * P * B)  # 24e9
+    assert states(3, opt=True, par=True, **one).host == pytest.approx(18 * P * B)  # + 16-bit weights: 27e9
+    two_nodes = states(3, opt=True, par=True, g=1, m=2)
+    assert two_nodes.host_states == pytest.approx(18 * P / 2 * B)  # each node keeps half: 13.5e9
+
+
+def test_fp32_training_by_hand():
+    # weights 4 + gradients 4 + Adam 8 = 16 bytes without a master copy; DeepSpeed's partitions add 16 per
+    # parameter sharded under ZeRO 1-3
+    assert states(0, w=4).gpu == pytest.approx(16 * P)
+    assert states(2, w=4, g=4).gpu == pytest.approx(4 * P + (4 + 16) * P / 4)  # 9e9
+    assert states(3, w=4, g=4).gpu == pytest.approx(4 * L + 20 * P / 4)  # 5.4e9
+
+
+@pytest.mark.parametrize("g,m", [(1, 1), (8, 1), (8, 2), (4, 4)])
+def test_same_numbers_as_deepspeeds_estimators(g, m):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    for off in (False, True):
+        cpu, gpu = estimate_zero2_model_states_mem_needs(P, g, m, cpu_offload=off, additional_buffer_factor=B)
+        ours = states(2, opt=off, g=g, m=m)
+        assert (ours.gpu, ours.host) == (pytest.approx(gpu, abs=8), pytest.approx(cpu, abs=8))
+    for opt, par in ((False, False), (True, False), (True, True)):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(P, L, g, m, cpu_offload=opt, cpu_offload_params=par,
+                                                            zero_init=False, additional_buffer_factor=B)
+        ours = states(3, opt, par, g=g, m=m)
+        assert (ours.gpu, ours.host) == (pytest.approx(gpu, abs=8), pytest.approx(cpu, abs=8))
+
+
+def test_frozen_models_hold_weights_only():
+    assert frozen_states(P, stage=0, gpus_per_node=8).gpu == 2 * P  # replicated 16-bit weights
+    assert frozen_states(P, stage=3, gpus_per_node=8, largest_layer=L).gpu == pytest.approx(4 * L + 2 * P / 8)
+    off = frozen_states(P, stage=3, offload=True, gpus_per_node=8, largest_layer=L)
+    assert off.gpu == 4 * L and off.host_states == pytest.approx(2 * P * B)
+
+
+def test_lora_trains_only_the_adapters():
+    shape = Shape("m", P, L, lora_per_rank=1_000_000)
+    machine = Machine("x", 1, 1, 80, 512, 2)
+    full = role_states(Role("model", shape, True), Setting(0), machine)
+    lora = role_states(Role("model", shape, True, lora_rank=8, only_lora=True), Setting(0), machine)
+    assert full.gpu == 20 * P
+    # 8 x 1e6 adapter params trained (20 bytes each) + 1e9 frozen 16-bit weights: 0.16e9 + 2e9
+    assert lora.gpu == pytest.approx(20 * 8e6 + 2 * P)
+    # without only_optimize_lora the base trains too: LoRA adds memory
+    both = role_states(Role("model", shape, True, lora_rank=8), Setting(0), machine)
+    assert both.gpu == pytest.approx(20 * (P + 8e6))
+
+
+def test_step3_four_models_stack():
+    shape = Shape("m", P, L)
+    machine = Machine("x", 1, 1, 80, 512, 2)
+    roles = [Role("actor", shape, True), Role("critic", shape, True),
+             Role("reference", shape, False), Role("reward", shape, False)]
+    total, parts = step_states(roles, Setting(0), machine)
+    assert total.gpu == pytest.approx(20 * P + 20 * P + 2 * P + 2 * P)  # 44e9
+    assert [round(p.gpu / P) for p in parts] == [20, 20, 2, 2]
+    # ZeRO-2 offload on one GPU: each trained model keeps 24e9 on the host; the second's load
+    # (max(4 x 1, 16) x 1.5 = 24e9) comes on top of the first's 24e9; the frozen loads (6e9) on top of both
+    total, _ = step_states(roles, Setting(2, True), machine)
+    assert total.host == pytest.approx(24e9 + 24e9 + 6e9)
+
+
+def test_parameter_count_from_arch_matches_hand_count():
+    cfg = compose_cfg("model=opt-13b", "model.params_b=0")
+    shape = model_shape(cfg.model)
+    # OPT-13B: embeddings 50272 x 5120; positions 2050 x 5120; 40 layers of attention (4 x (5120^2 + 5120)),
+    # fc1 (5120 x 20480 + 20480), fc2 (20480 x 5120 + 5120), two layer norms (4 x 5120); final norm 2 x 5120
+    layer = 4 * (5120 * 5120 + 5120) + (5120 * 20480 + 20480) + (20480 * 5120 + 5120) + 4 * 5120
+    assert shape.params == 50272 * 5120 + 2050 * 5120 + 40 * layer + 2 * 5120 == 12_853_473_280
+    assert shape.largest_layer == 50272 * 5120  # the (tied) embedding
+    assert shape.lora_per_rank == 40 * (4 * (5120 + 5120) + 2 * (5120 + 20480))  # q,k,v,out + fc1,fc2
+    assert model_shape(compose_cfg("model=opt-13b").model).params == 12_853_000_000  # params_b wins
+
+
+def test_tiny_model_is_counted_from_its_build(tmp_path):
+    cfg = compose_cfg()
+    shape = model_shape(cfg.model, cfg.cache_dir)
+    assert shape.source == "tiny" and 100_000 < shape.params < 10_000_000
+
+
+def test_check_fits_stops_with_the_smallest_change():
+    cfg = compose_cfg("stage=sft", "model=opt-13b", "hardware=dgx8", "zero=2", "lora=none")
+    with pytest.raises(DoesNotFit, match=r"smallest change that fits: zero=3\b") as err:
+        check_fits(cfg)
+    assert "50.9 GB per GPU" in str(err.value) and "36.0 of 40 GB" in str(err.value)
+    check_fits(compose_cfg("stage=sft", "model=opt-13b", "hardware=dgx8", "zero=3"))  # 27.9 GB per GPU fits
+    check_fits(compose_cfg("stage=sft", "model=opt-13b", "hardware=dgx8", "zero=2", "plan.check=false"))
+
+
+def test_check_fits_covers_every_step_of_a_pipeline():
+    # sft alone fits under ZeRO-3, but step 3 holds four 13B models: 63.7 GB per GPU > 36
+    with pytest.raises(DoesNotFit, match=r"step 3 \(ppo\) needs 63.7 GB per GPU"):
+        check_fits(compose_cfg("stage=pipeline", "model=opt-13b", "hardware=dgx8", "zero=3"))
+    # DeepSpeed-Chat's setting: a 350M reward model
+    check_fits(compose_cfg("stage=pipeline", "model=opt-13b", "reward=opt-350m", "hardware=dgx8", "zero=3"))
+    # SFT -> DPO has no reward model: policy + frozen reference
+    check_fits(compose_cfg("stage=pipeline", "pipeline.algo=dpo", "model=opt-13b", "hardware=dgx8", "zero=3"))
+
+
+def test_a_model_of_unknown_size_is_not_blocked():
+    cfg = compose_cfg("stage=sft", "model=opt-1.3b", "model.params_b=0", "hardware=a6000")
+    cfg.model.arch = {}
+    check_fits(cfg)  # a hub id without params_b or arch: the check is skipped with a warning
+    with pytest.raises(ValueError, match="model.params_b"):
+        make_plan(cfg)
+
+
+def test_check_fits_on_cpu_checks_host_memory():
+    check_fits(compose_cfg())  # the tiny default
+    with pytest.raises(DoesNotFit, match="host memory"):
+        check_fits(compose_cfg("stage=sft", "model=opt-13b", "hardware=cpu"))  # 16 bytes x 12.9B in fp32 > 21.6 GB
+
+
+def test_plan_lists_every_setting_and_step():
+    plan = make_plan(compose_cfg("stage=plan", "model=opt-13b", "reward=opt-350m", "hardware=dgx8", "zero=3"))
+    assert [r["setting"] for r in plan["rows"]] == ["zero=0", "zero=1", "zero=2", "zero=3", "zero=2-offload",
+                                                    "zero=3 zero.offload_optimizer=true", "zero=3-offload"]
+    assert [s["title"] for s in plan["rows"][0]["steps"]] == ["step 1 (sft)", "step 2 (rm)", "step 3 (ppo)"]
+    step3 = plan["current"]["steps"][2]
+    assert list(step3["models"]) == ["actor", "critic", "reference", "reward"]
+    assert plan["fits"] and plan["suggestion"] is None  # DeepSpeed-Chat's OPT-13B + 350M setting on 8x A100-40G
+    assert step3["gpu_gb"] == pytest.approx(sum(m["gpu_gb"] for m in step3["models"].values()))
+
+
+def test_plan_stage_prints_table_and_writes_summary(tmp_path):
+    out = subprocess.run([sys.executable, "run.py", "stage=plan", "model=opt-13b", "hardware=dgx8", "zero=2",
+                          "lora=none", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| zero=3-offload |" in out.stdout and "does NOT fit" in out.stdout
+    assert "Smallest change that fits: " in out.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["fits"] is False and len(summary["rows"]) == 7
+    zero2 = next(r for r in summary["rows"] if r["setting"] == "zero=2")
+    # step 1 under ZeRO-2 on 8 GPUs: 2 + 18/8 = 4.25 bytes x 12.853e9 params
+    assert zero2["steps"][0]["gpu_gb"] == pytest.approx(4.25 * 12.853e9 / GB, rel=1e-6)
+    assert (tmp_path / "plan.md").exists()
