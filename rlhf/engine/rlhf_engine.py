@@ -72,9 +72,9 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: st
     init_a = "pretrained" if actor_cfg.init == "tiny" or actor_path != actor_cfg.path else None
     init_c = "pretrained" if critic_cfg.init == "tiny" or critic_path != critic_cfg.path else None
 
-    def spec(lr, wd):
+    def spec(lr, wd, steps=total_steps):
         return OptimSpec(lr=lr, weight_decay=wd, betas=[0.9, 0.95], eps=1e-8, scheduler=ppo.scheduler,
-                         warmup_steps=ppo.warmup_steps, total_steps=total_steps,
+                         warmup_steps=ppo.warmup_steps, total_steps=steps,
                          micro_batch_size=ppo.train_batch_size, grad_accum=1, grad_clip=ppo.grad_clip)
 
     # 1. actor: trained, LoRA per ppo.actor_lora, behind the hybrid engine
@@ -85,7 +85,9 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: st
     if actor_lora:
         actor = apply_lora(actor, lora, actor_family)
     actor_engine = build_train_engine(actor, lora_param_groups(actor, lora, ppo.actor_lr, ppo.actor_weight_decay),
-                                      spec(ppo.actor_lr, ppo.actor_weight_decay), zero, hardware, world,
+                                      # PTX takes its own optimizer step after each PPO step
+                                      spec(ppo.actor_lr, ppo.actor_weight_decay, total_steps * (2 if ppo.ptx else 1)),
+                                      zero, hardware, world,
                                       stage=actor_stage)
     hybrid = HybridEngine(actor_engine, tokenizer, gather=ppo.hybrid_gather, device=device, lora=actor_lora,
                           accelerator=hardware.accelerator)
