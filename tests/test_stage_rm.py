@@ -49,11 +49,13 @@ def test_rm_rejects_a_bad_loss_mode(tmp_path):
 @pytest.mark.dist
 def test_two_ranks_zero3_train_the_reward_model(tmp_path):
     out = subprocess.run(
-        [sys.executable, "run.py", "stage=rm", "hardware=cpu2", "zero=3", *QUICK, "rm.epochs=4",
+        [sys.executable, "run.py", "stage=rm", "hardware=cpu2", "zero=3", "logger=none", "logger.progress=false",
+         "rm.epochs=2",
          f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2
+    # the demo's 800 step-2 pairs split over two ranks, 100 steps: observed acc 0.44 -> 0.81
     assert summary["acc"] > summary["acc_initial"] and summary["acc"] >= 0.7
     assert (tmp_path / "model" / "value_head.safetensors").exists()
