@@ -142,6 +142,18 @@ def param_groups(ctx: Context, model, lr: float, weight_decay: float) -> List[di
     return lora_param_groups(model, ctx.cfg.lora, lr, weight_decay)
 
 
+def loaders(ctx: Context, section, name: str, train_ds, eval_ds, collate):
+    """Seeded distributed loaders for a stage's train/eval data, the loop spec and its step count."""
+    from rlhf.engine.trainer import LoopSpec, make_loader, total_steps
+
+    seed = int(ctx.cfg.seed)
+    loader = make_loader(train_ds, section.micro_batch_size, collate, ctx.rank, ctx.world, seed)
+    eval_loader = make_loader(eval_ds, section.eval_batch_size, collate, ctx.rank, ctx.world, seed, shuffle=False)
+    spec = LoopSpec(section.epochs, section.max_steps, section.eval_every, section.log_every,
+                    section.skip_nonfinite, section.grad_accum)
+    return loader, eval_loader, spec, total_steps(len(loader), spec, name)
+
+
 def train_engine(ctx: Context, model, section, n_steps: int):
     """DeepSpeed training engine for a stage's model with its section's optimiser settings.
     Returns (engine, total params, trainable params)."""

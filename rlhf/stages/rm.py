@@ -47,7 +47,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.collate import PairCollator
     from rlhf.data.tokenize import tokenize_pairs
     from rlhf.engine.setup import all_gather_cat
-    from rlhf.engine.trainer import LoopSpec, fit, make_loader, total_steps
+    from rlhf.engine.trainer import fit
     from rlhf.models.lora import apply_lora
     from rlhf.models.reward import load_reward_model, save_reward_model
 
@@ -65,11 +65,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
     eval_ds, _ = tokenize_pairs(eval_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.padding_side)
-    loader = make_loader(train_ds, sec.micro_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed))
-    eval_loader = make_loader(eval_ds, sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed),
-                              shuffle=False)
-    spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum)
-    n_steps = total_steps(len(loader), spec, "rm")
+    loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "rm", train_ds, eval_ds, collate)
     # 3. model and engine
     init = "pretrained" if cfg.model.init == "tiny" or path != cfg.model.path else None
     model = load_reward_model(cfg.model, path, dtype=ctx.dtype, disable_dropout=sec.disable_dropout, init=init)

@@ -25,7 +25,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.blend import build_step_data
     from rlhf.data.collate import SFTCollator
     from rlhf.data.tokenize import tokenize_sft
-    from rlhf.engine.trainer import LoopSpec, fit, make_loader, total_steps
+    from rlhf.engine.trainer import fit
 
     sec = cfg.sft
     # 1. start
@@ -40,11 +40,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     eval_ds, _ = tokenize_sft(eval_rows, tokenizer, sec.max_seq_len, sec.mask_prompt, data_cache,
                               reload=cfg.data.reload)
     collate = SFTCollator(tokenizer.pad_token_id, tokenizer.padding_side)
-    loader = make_loader(train_ds, sec.micro_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed))
-    eval_loader = make_loader(eval_ds, sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed),
-                              shuffle=False)
-    spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum)
-    n_steps = total_steps(len(loader), spec, "sft")
+    loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "sft", train_ds, eval_ds, collate)
     # 3. model and engine
     model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
                                gradient_checkpointing=sec.gradient_checkpointing)
