@@ -106,11 +106,14 @@ class HybridEngine:
         module.eval()
         if self.path != "replica":
             return module
+        from rlhf.models.load import merged_state
+
         t0 = time.perf_counter()
-        state = self.full_state()
         if self.replica is None:
             self.replica = self.build_replica()
-        self.replica.load_state_dict(state, strict=True)
+        with gathered(module.parameters()):  # one collective; copied straight into the replica
+            hf_model, state = merged_state(module)
+            self.replica.load_state_dict(state if state is not None else hf_model.state_dict(), strict=True)
         self.timings["sync_s"] += time.perf_counter() - t0
         return self.replica
 
