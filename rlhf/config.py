@@ -87,6 +87,7 @@ class DataConfig:
     reload: bool = False  # rebuild the tokenised cache
     demo_size: int = 2000  # pairs generated for the demo task (train; eval gets a tenth)
     heldout_prompts: int = 64  # demo prompts scored by the task rule at the end of a stage
+    heldout_samples: int = 4  # sampled answers per held-out prompt (temperature 1, seeded) for rule_rate_sampled
 
 
 @dataclass
@@ -161,6 +162,8 @@ class PPOConfig:
     generation_batch_size: int = 16  # per device
     train_batch_size: int = 16  # per device mini batch
     generation_batches: int = 1
+    samples_per_prompt: int = 1  # answers sampled per prompt (rows per rollout = prompts x this)
+    reward_baseline: str = "none"  # none | group (leave-one-out mean score of the prompt's other samples)
     ppo_epochs: int = 1
     kl_ctl: float = 0.1
     adaptive_kl: bool = False

@@ -7,8 +7,8 @@ import torch
 
 from rlhf.algos.logprobs import masked_whiten
 from rlhf.algos.ppo import (AdaptiveKLController, FixedKLController, gae_advantages,
-                            kl_estimates, kl_penalized_rewards, last_true_index, policy_loss,
-                            value_loss)
+                            kl_estimates, kl_penalized_rewards, last_true_index, leave_one_out_scores,
+                            policy_loss, value_loss)
 from tests.numeric import close
 
 T = torch.tensor
@@ -198,3 +198,28 @@ def test_fixed_kl_controller():
 def test_adaptive_kl_controller_rejects_bad_target():
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+def test_leave_one_out_scores_hand_computed():
+    # two prompts x three answers: each score minus the mean of its group's other two
+    scores = torch.tensor([1.0, 2.0, 6.0, -3.0, 0.0, 3.0])
+    out = leave_one_out_scores(scores, 3)
+    close(out, torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, -3 - 1.5, 0 - 0.0, 3 - (-1.5)]))
+    # identical answers to a prompt carry no signal: all zero
+    close(leave_one_out_scores(torch.tensor([5.0, 5.0, 5.0, 5.0]), 4), torch.zeros(4))
+    # group size 1: unchanged
+    close(leave_one_out_scores(scores, 1), scores)
+
+
+def test_leave_one_out_scores_skips_invalid_rows():
+    # invalid rows (dropped answers) never enter another row's baseline; a row whose group has no
+    # other valid answer keeps its score
+    scores = torch.tensor([1.0, 9.0, 3.0, 4.0, 5.0, 6.0])
+    valid = torch.tensor([True, False, True, False, False, True])
+    close(leave_one_out_scores(scores, 3, valid),
+          torch.tensor([1 - 3.0, 9 - (1 + 3) / 2, 3 - 1.0, 4 - 6.0, 5 - 6.0, 6.0]))
+
+
+def test_leave_one_out_scores_rejects_ragged_groups():
+    with pytest.raises(ValueError, match="groups of 4"):
+        leave_one_out_scores(torch.zeros(6), 4)

@@ -153,7 +153,9 @@ def test_demo_pairs_chosen_pass_rejected_fail(demo_dir):
 def test_demo_sft_mixed_quality(demo_dir):
     rows = demo.read_rows(demo_dir / "sft" / "train.json")
     share = demo.rule_rate([r["prompt"] for r in rows], [" " + r["answer"] for r in rows])
-    assert 0.3 <= share <= 0.7
+    assert 0.35 <= share <= 0.55  # _SFT_MIX: 45% right
+    refusals = sum(" " + r["answer"] == demo.REFUSAL for r in rows) / len(rows)
+    assert 0.22 <= refusals <= 0.38  # 30% refuse: the single likeliest wrong answer
     lines = (demo_dir / "pretrain.txt").read_text().splitlines()
     assert len(lines) >= 300 and all(line.strip() for line in lines)
 

@@ -59,3 +59,17 @@ def test_half_precision_on_cpu_names_the_profile(tmp_path):
     cfg = compose_cfg("stage=sft", *QUICK, "hardware.precision=fp16", run_dir=tmp_path)
     with pytest.raises(ValueError, match="hardware.precision=fp16"):
         sft.run(cfg)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("ppo.reward_baseline=group",), "ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2"),
+    (("ppo.reward_baseline=mean", "ppo.samples_per_prompt=2"), "ppo.reward_baseline='mean'"),
+    (("ppo.samples_per_prompt=3", "ppo.generation_batch_size=4", "ppo.train_batch_size=8"),
+     "ppo.generation_batch_size=4 x ppo.samples_per_prompt=3 = 12 answers.*ppo.train_batch_size=8"),
+])
+def test_ppo_sampling_settings_name_the_key(tmp_path, overrides, match):
+    from rlhf.stages import ppo
+
+    cfg = compose_cfg("stage=ppo", *QUICK, *overrides, run_dir=tmp_path)
+    with pytest.raises(ValueError, match=match):
+        ppo.run(cfg)

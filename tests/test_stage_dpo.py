@@ -1,13 +1,11 @@
 """DPO stage on the tiny model and the demo data, starting from a real SFT run (the tiny preset).
 
 Observed on the shared 2-core CPU box (seed 1234, tiny-opt, one torch thread; deterministic run to
-run): the SFT model (eval ppl 1.65, rule rate 0.22) prefers the chosen answer (higher summed
-log-prob) on 0.8625 of the 80 eval pairs; the wrong-value pairs (about half) sit near chance, so
-the headroom is in learning the facts. The tiny preset (lr 1e-3, beta 0.5, 6 epochs = 300 steps,
-~25-40 s) lifts that to 0.9125, with implicit-reward accuracy 0.90, margin 5.7, eval loss 0.20.
-Held-out rule rate (64 unseen prompt strings): 0.22 -> 0.25 here, but 0.25 -> 0.22..0.33 over
-other SFT starts and settings while tuning: within noise, so DPO on this tiny run does NOT reliably
-raise it and only "does not fall apart" is asserted (lr 2e-3 does break it: 0.02).
+run): see the numbers next to each assertion. The SFT model answers most held-out prompts right
+when greedy (0.80) but only a third of its sampled answers pass the rule: it imitates step-1 data
+where a third of the answers refuse. DPO on the pairs (lr 1e-4, beta 0.5, 6 epochs = 300 steps,
+~40 s) moves the sampled answers towards the chosen ones; faster settings (lr 1e-3) raise the
+sampled rate as much but break greedy sums (0.81 -> 0.58).
 """
 from __future__ import annotations
 
@@ -75,16 +73,19 @@ def test_dpo_raises_heldout_preference_accuracy(sft_dir, tmp_path):
     # before training the policy is the reference: the sigmoid loss is log 2, every reward 0
     (_, loss0), = metrics(tmp_path, "eval/loss_initial")
     assert loss0 == pytest.approx(math.log(2), abs=1e-6)
-    # the policy's own preference on held-out pairs, SFT vs DPO (observed 0.8625 -> 0.9125)
-    assert out["logp_accuracy"] >= out["logp_accuracy_initial"] + 0.025, out  # 2 of 80 pairs
-    assert out["logp_accuracy"] >= 0.85, out
-    # the implicit reward beta * log(pi / pi_ref) ranks held-out pairs well above chance (observed 0.90)
+    # the policy's own preference on held-out pairs, SFT vs DPO (observed 0.9875 -> 1.0: the SFT model
+    # already ranks the pairs; what DPO changes is how much mass its samples put on the chosen kind)
+    assert out["logp_accuracy"] >= out["logp_accuracy_initial"], out
+    assert out["logp_accuracy"] >= 0.95, out
+    # the implicit reward beta * log(pi / pi_ref) ranks held-out pairs well above chance (observed 0.96)
     assert out["acc"] >= 0.8, out
     assert out["chosen_reward"] > out["rejected_reward"] and out["margin"] > 1.0
     # the loss went down in training, and eval loss is below log 2
     losses = [v for _, v in metrics(tmp_path, "train/loss")]
     assert sum(losses[-20:]) / 20 < 0.5 < losses[0] and out["loss"] < 0.5
-    # generation still works: the held-out rule rate does not fall apart (observed 0.22 -> 0.25)
+    # held-out rule rate of sampled answers rises (observed 0.336 -> 0.602 over 256 answers) and the
+    # greedy answers stay (observed 0.797 -> 0.766)
+    assert out["rule_rate_sampled"] >= out["rule_rate_sampled_initial"] + 0.1, out
     assert out["rule_rate"] >= out["rule_rate_initial"] - 0.1, out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stage"] == "dpo" and summary["reference"] == "precomputed" and summary["steps"] == 300

@@ -47,21 +47,27 @@ def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
 
 
 @pytest.mark.slow
-def test_ppo_raises_reward_with_bounded_kl_and_keeps_the_rule_rate(pipeline_run):
+def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
+    """Observed (seed 1234, one thread): SFT greedy 0.797 / sampled 0.336 on the 64 held-out prompts;
+    after 100 PPO iterations greedy 0.797, sampled 0.48 (4 answers per prompt), KL 0.28 nats per
+    answer, reward -2.1 -> 2.4 (first vs last 10 iterations). The tiny reward model judges format,
+    refusals and parity well but sums poorly, so a faster actor (lr 3e-4) gains as much sampled
+    rate but breaks greedy sums (0.81 -> 0.63): the greedy bound below catches that."""
     run_dir, _ = pipeline_run
     ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
     sft = json.loads((run_dir / "sft" / "summary.json").read_text())
-    # the PPO stage scores the SFT actor itself before training: the same number as step 1's
+    # the PPO stage scores the SFT actor itself before training: the same numbers as step 1's
     assert ppo["rule_rate_start"] == pytest.approx(sft["rule_rate"])
+    assert ppo["rule_rate_sampled_start"] == pytest.approx(sft["rule_rate_sampled"])
+    # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: +0.05 = 13)
+    assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.05, ppo
+    # ... without trading the greedy answers away for reward
+    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.07, ppo
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["train/reward"] for r in rows if "train/reward" in r]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    # observed: reward 0.1 -> 2.8-3.9 (first vs last 10 iterations), KL 0.4-0.6 nats/sequence
-    assert last > first + 1.0, f"reward did not rise: {first:.3f} -> {last:.3f}"
-    assert 0.0 <= ppo["kl"] < 2.0
-    # observed held-out rule rate 0.219 -> 0.219..0.281 depending on the reward model; PPO must not
-    # trade the task away for reward (a hacked reward model drives it to 0 within 40 iterations)
-    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.07
+    assert last > first + 2.0, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    assert 0.0 <= ppo["kl"] < 1.0
     for key in ("generation_time_s", "train_time_s", "gen_tokens_per_s", "samples_per_s"):
         assert ppo[key] > 0
 
@@ -110,3 +116,18 @@ def test_ppo_rejects_batch_sizes_that_do_not_divide(tmp_path):
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "ppo.generation_batch_size=10" in out.stderr and "ppo.train_batch_size=4" in out.stderr
+
+
+@pytest.mark.slow
+def test_several_answers_per_prompt_with_group_baseline_and_periodic_eval(pipeline_run, tmp_path):
+    run_dir, _ = pipeline_run
+    cli("stage=ppo", f"actor.path={run_dir / 'sft' / 'model'}", f"critic.path={run_dir / 'rm' / 'model'}",
+        "ppo.samples_per_prompt=4", "ppo.reward_baseline=group", "ppo.generation_batch_size=8",
+        "ppo.train_batch_size=16", "ppo.max_steps=4", "ppo.eval_every=2", f"run_dir={tmp_path}")
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/answers" in r]
+    assert [r["train/answers"] for r in train] == [32.0] * 4  # 8 prompts x 4 answers per rollout
+    assert all(abs(r["train/actor_loss"]) < 100 and r["train/critic_loss"] >= 0 for r in train)
+    # held-out evals at the start, every 2 iterations, and the end (not twice at the last step)
+    assert [r["step"] for r in rows if "eval/rule_rate" in r] == [0, 2, 4]
+    assert all(0 <= r["eval/rule_rate_sampled"] <= 1 for r in rows if "eval/rule_rate" in r)

@@ -42,6 +42,25 @@ def kl_penalized_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor,
     return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), score.unsqueeze(1))
 
 
+def leave_one_out_scores(scores: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """Scores minus the mean score of the other answers to the same prompt (RLOO's baseline).
+
+    scores [B] with B = prompts * group_size, the answers of one prompt adjacent
+    (``repeat_interleave`` order); valid [B] (bool, optional): rows that count towards the other
+    answers' baselines. A row with no valid other answer in its group keeps its score. -> [B].
+    """
+    if group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    if group_size == 1:
+        return scores
+    g = scores.view(-1, group_size)
+    w = (torch.ones_like(g) if valid is None else valid.view(-1, group_size).to(g.dtype))
+    others_sum = (g * w).sum(1, keepdim=True) - g * w
+    others_n = w.sum(1, keepdim=True) - w
+    base = torch.where(others_n > 0, others_sum / others_n.clamp(min=1), torch.zeros_like(g))
+    return (g - base).reshape(-1)
+
+
 def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
                    lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the answer tokens (reverse loop over T).

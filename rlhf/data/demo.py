@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
-_VERSION = 2  # bump when the generated files change: invalidates make_demo's idempotency check
+_VERSION = 3  # bump when the generated files change: invalidates make_demo's idempotency check
 
 ADD_RANGE = range(10)
 NUM_RANGE = range(100)
@@ -234,14 +234,25 @@ def _pairs(n: int, rng: random.Random, pool_by_task: dict) -> list[dict]:
     return rows
 
 
+# Step-1 answer mix: right answers are the most common single answer, so SFT learns the facts,
+# but a third of the answers refuse (one fixed sentence): where the model is unsure of a value,
+# refusing is its likeliest answer, and steps 2-3 have a habit to correct that a reward model
+# can learn from a few hundred pairs.
+_SFT_MIX = {"right": 45, "refuse": 30, "value": 15, "spray": 10}
+REFUSAL = " I do not know."
+
+
 def _sft(n: int, rng: random.Random, pool_by_task: dict) -> list[dict]:
     rows = []
     for _ in range(n):
         task, k, ops = _sample(pool_by_task, rng)
-        if rng.random() < 0.5:
+        kind = rng.choices(list(_SFT_MIX), weights=list(_SFT_MIX.values()))[0]
+        if kind == "right":
             answer = _correct(task, ops)
+        elif kind == "refuse":
+            answer = REFUSAL
         else:
-            answer = _wrong(task, ops, rng, rng.choices(["value", "spray", "offformat"], weights=[7, 1.5, 1.5])[0])
+            answer = _wrong(task, ops, rng, kind)
         rows.append({"prompt": _prompt(task, k, ops), "answer": answer.lstrip(" ")})
     return rows
 
@@ -289,8 +300,8 @@ def make_demo(out_dir: str | Path, *, size: int = 2000, seed: int = 1234) -> dic
     - ``pairs/train.json`` (``size`` rows), ``pairs/eval.json`` (``max(1, size // 10)``):
       DeepSpeed-Chat local/jsonfile lists of {"prompt","chosen","rejected"}; chosen passes
       :func:`verify`, rejected fails it (wrong value, sprayed numbers/both parities, off-format).
-    - ``sft/train.json``, ``sft/eval.json``: {"prompt","answer"} of mixed quality, about half
-      the answers wrong.
+    - ``sft/train.json``, ``sft/eval.json``: {"prompt","answer"} of mixed quality (``_SFT_MIX``):
+      45% right, 30% the refusal ``REFUSAL``, the rest wrong values and sprays.
     - ``pretrain.txt``: plain-text lines (facts and one-line conversations), ``size`` lines.
 
     As in local/jsonfile, answers are stored without a leading space; the loaders join prompt

@@ -227,15 +227,35 @@ def generate(module, tokenizer, prompts: List[str], *, max_new_tokens: int, devi
     return answers
 
 
-def heldout_rule_rate(ctx: Context, module, tokenizer, max_new_tokens: int = 16) -> Optional[float]:
-    """Share of held-out demo prompts whose greedy answer passes the task rule (None off the demo)."""
+def heldout_rule_rates(ctx: Context, module, tokenizer, max_new_tokens: int = 16) -> Dict[str, Optional[float]]:
+    """The demo task rule on held-out prompts (both None off the demo):
+
+    - ``rule_rate``: share of prompts whose greedy answer passes (the model's single likeliest answer);
+    - ``rule_rate_sampled``: share of ``data.heldout_samples`` answers per prompt sampled at
+      temperature 1 that pass (the answer distribution RLHF reshapes). Seeded by ``seed`` and run
+      under a forked RNG, so it is repeatable and leaves the training RNG untouched.
+    """
     if not uses_demo(ctx):
-        return None
+        return {"rule_rate": None, "rule_rate_sampled": None}
     from rlhf.data.demo import heldout_prompts, rule_rate
 
     prompts = heldout_prompts(int(ctx.cfg.data.heldout_prompts), seed=int(ctx.cfg.seed))
-    answers = generate(module, tokenizer, prompts, max_new_tokens=max_new_tokens, device=ctx.device)
-    return float(rule_rate(prompts, answers))
+    greedy = generate(module, tokenizer, prompts, max_new_tokens=max_new_tokens, device=ctx.device)
+    out: Dict[str, Optional[float]] = {"rule_rate": float(rule_rate(prompts, greedy)), "rule_rate_sampled": None}
+    k = int(ctx.cfg.data.heldout_samples)
+    if k > 0:
+        repeated = [p for p in prompts for _ in range(k)]
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int(ctx.cfg.seed))
+                sampled = generate(module, tokenizer, repeated, max_new_tokens=max_new_tokens, device=ctx.device,
+                                   do_sample=True, temperature=1.0)
+        except RuntimeError as e:  # non-finite weights (a diverged run): no distribution to sample from
+            log.warning("held-out rule rate: sampling failed (%s); rule_rate_sampled left empty", e)
+        else:
+            out["rule_rate_sampled"] = float(rule_rate(repeated, sampled))
+    return out
 
 
 def perplexity(mean_nll: float) -> float:

@@ -158,7 +158,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 4. train (a resumed run restores the engine here, after the reference was taken from the start)
     ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial": initial})
     if meta is None:
-        initial = {**evaluate(), "rule_rate": common.heldout_rule_rate(ctx, engine.module, tokenizer)}
+        initial = {**evaluate(), **common.heldout_rule_rates(ctx, engine.module, tokenizer)}
         ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items() if v is not None}, step=0)
     else:
         initial = meta["extra"]["initial"]
@@ -166,19 +166,20 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save, score, summarise
     model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
-    rule = common.heldout_rule_rate(ctx, engine.module, tokenizer)
+    rules = common.heldout_rule_rates(ctx, engine.module, tokenizer)
     return common.finish(ctx, {
         "stage": "dpo", "model_dir": str(model_dir), "reference": mode, "reference_params": ref_params,
         "loss": metrics["loss"], "acc": metrics["accuracy"], "chosen_reward": metrics["chosen_reward"],
         "rejected_reward": metrics["rejected_reward"], "margin": metrics["margin"],
         "logp_accuracy": metrics["logp_accuracy"], "logp_accuracy_initial": initial["logp_accuracy"],
-        "rule_rate": rule, "rule_rate_initial": initial["rule_rate"],
+        **rules, "rule_rate_initial": initial["rule_rate"],
+        "rule_rate_sampled_initial": initial.get("rule_rate_sampled"),
         "final_train_loss": metrics["final_train_loss"], "steps": metrics["steps"],
         "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
         "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
         "params": n_params, "trainable_params": n_trainable, "train_pairs": len(datasets["train"]),
         "dropped_pairs": train_stats.get("dropped", 0),
-        "objective": rule if rule is not None else metrics["accuracy"],
+        "objective": rules["rule_rate_sampled"] if rules["rule_rate_sampled"] is not None else metrics["accuracy"],
     })
 
 

@@ -80,9 +80,11 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         results[name] = get_stage(name)(sub, run_dir=run_dir / name)
     # 3. summary and table
     summary = {"stage": "pipeline", "algo": cfg.pipeline.algo, "steps": results}
-    sft_rule = results.get("sft", {}).get("rule_rate")
+    sft = results.get("sft", {})
     final = results.get(cfg.pipeline.algo, {})
-    summary.update(rule_rate_sft=sft_rule, rule_rate_final=final.get("rule_rate"),
+    summary.update(rule_rate_sft=sft.get("rule_rate"), rule_rate_final=final.get("rule_rate"),
+                   rule_rate_sampled_sft=sft.get("rule_rate_sampled"),
+                   rule_rate_sampled_final=final.get("rule_rate_sampled"),
                    wall_time_s=sum(r.get("wall_time_s", 0.0) for r in results.values()),
                    objective=final.get("objective"))
     import torch.distributed as dist
@@ -93,17 +95,24 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     return summary
 
 
+def _rule_cell(r: Dict[str, Any], key: str) -> str:
+    """'0.812' or, for a step that starts from another model (ppo, dpo), 'start -> end'."""
+    end = r.get(key)
+    if end is None:
+        return "-"
+    start = r.get(f"{key}_start", r.get(f"{key}_initial"))
+    return f"{end:.3f}" if start is None else f"{start:.3f} -> {end:.3f}"
+
+
 def table(results: Dict[str, Dict[str, Any]]) -> str:
-    """Markdown table: per step the key metric, wall time and the demo rule rate."""
-    lines = ["| step | key metric | value | wall time (s) | rule rate (held-out) |", "|---|---|---|---|---|"]
+    """Markdown table: per step the key metric, wall time and the demo rule rates on held-out
+    prompts (greedy answers; sampled answers, temperature 1)."""
+    lines = ["| step | key metric | value | wall time (s) | rule rate, greedy (held-out) | rule rate, sampled (held-out) |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
         key = KEY_METRIC[name]
         value = r.get(key)
-        rule = r.get("rule_rate")
-        if name == "ppo" and r.get("rule_rate_start") is not None:
-            rule_s = f"{r['rule_rate_start']:.3f} -> {rule:.3f}"
-        else:
-            rule_s = "-" if rule is None else f"{rule:.3f}"
         value_s = "-" if value is None else f"{value:.4g}"
-        lines.append(f"| {name} | {key} | {value_s} | {r.get('wall_time_s', 0.0):.1f} | {rule_s} |")
+        lines.append(f"| {name} | {key} | {value_s} | {r.get('wall_time_s', 0.0):.1f} | "
+                     f"{_rule_cell(r, 'rule_rate')} | {_rule_cell(r, 'rule_rate_sampled')} |")
     return "\n".join(lines)

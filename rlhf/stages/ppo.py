@@ -42,6 +42,9 @@ class PPOTrainer:
         """Sample answers, then score them: log-probs, reference log-probs, values, rewards, GAE."""
         c, tok = self.cfg, self.m.tokenizer
         prompt, pmask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        if c.samples_per_prompt > 1:  # the answers to one prompt stay adjacent (group baseline)
+            prompt = prompt.repeat_interleave(c.samples_per_prompt, dim=0)
+            pmask = pmask.repeat_interleave(c.samples_per_prompt, dim=0)
         t0 = time.perf_counter()
         seq = self.m.hybrid.generate_sequences(prompt, pmask, max_new_tokens=c.max_answer_len,
                                                min_new_tokens=c.min_answer_len, do_sample=True,
@@ -64,7 +67,9 @@ class PPOTrainer:
         values = critic_values(self.m.critic, seq, mask) * action_mask  # values after the end zeroed
         scores = reward_scores(self.m.reward, seq, mask)
         self.m.actor.train(), self.m.critic.train()
-        rewards = P.kl_penalized_rewards(logprobs, ref_logprobs, scores, action_mask, self.kl_ctl.value,
+        shaped = (P.leave_one_out_scores(scores, c.samples_per_prompt, valid.bool())
+                  if c.reward_baseline == "group" else scores)
+        rewards = P.kl_penalized_rewards(logprobs, ref_logprobs, shaped, action_mask, self.kl_ctl.value,
                                          c.clip_reward_value)
         adv, returns = P.gae_advantages(rewards, values, action_mask, c.gamma, c.lam)
         if c.whiten_advantages and action_mask.sum() > 1:
@@ -72,7 +77,7 @@ class PPOTrainer:
         kl = P.kl_estimates(logprobs, ref_logprobs, action_mask)
         stats = {"reward": float(scores[valid.bool()].mean()) if valid.any() else 0.0,
                  "kl": float(kl["kl"]), "answer_len": float(answer_len.float().mean()),
-                 "valid_share": float(valid.float().mean()), "generation_s": gen_s,
+                 "valid_share": float(valid.float().mean()), "generation_s": gen_s, "answers": float(seq.shape[0]),
                  "generated_tokens": float(answer_len.sum())}
         if self.verify is not None:
             texts = tok.batch_decode(answer, skip_special_tokens=True)
@@ -147,8 +152,17 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.models.reward import save_reward_model
 
     c = cfg.ppo
-    if c.generation_batch_size % c.train_batch_size:
-        raise ValueError(f"ppo.generation_batch_size={c.generation_batch_size} is not a multiple of "
+    rows = c.generation_batch_size * c.samples_per_prompt  # answers per rollout
+    if c.samples_per_prompt < 1:
+        raise ValueError(f"ppo.samples_per_prompt={c.samples_per_prompt}: must be >= 1")
+    if c.reward_baseline not in ("none", "group"):
+        raise ValueError(f"ppo.reward_baseline={c.reward_baseline!r}: expected none or group")
+    if c.reward_baseline == "group" and c.samples_per_prompt < 2:
+        raise ValueError("ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2 (the baseline is the mean "
+                         "score of a prompt's other answers)")
+    if rows % c.train_batch_size:
+        raise ValueError(f"ppo.generation_batch_size={c.generation_batch_size} x ppo.samples_per_prompt="
+                         f"{c.samples_per_prompt} = {rows} answers per rollout is not a multiple of "
                          f"ppo.train_batch_size={c.train_batch_size}: each rollout must split into whole mini-batches")
     # 1. start; which checkpoints
     ctx = common.start(cfg, "ppo", run_dir)
@@ -174,7 +188,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         unsup_iter = itertools.cycle(unsup_loader)
     per_epoch = len(loader) // c.generation_batches
     n_iters = per_epoch * c.epochs if not c.max_steps else min(c.max_steps, per_epoch * c.epochs)
-    updates = n_iters * c.ppo_epochs * c.generation_batches * max(c.generation_batch_size // c.train_batch_size, 1)
+    updates = n_iters * c.ppo_epochs * c.generation_batches * max(rows // c.train_batch_size, 1)
     # 3. models
     m = build_rlhf_engine(actor_cfg=cfg.actor, actor_path=actor_path, critic_cfg=cfg.reward, critic_path=critic_path,
                           tokenizer=tokenizer, ppo=c, zero=cfg.zero, hardware=cfg.hardware, lora=cfg.lora,
@@ -185,19 +199,20 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         from rlhf.data.demo import verify
     trainer = PPOTrainer(m, c, ctx.device, verify)
 
-    def heldout() -> float | None:
+    def heldout(step: int) -> Dict[str, float | None]:
         module = m.hybrid.to_generation()
         try:
-            return common.heldout_rule_rate(ctx, module, tokenizer)
+            rules = common.heldout_rule_rates(ctx, module, tokenizer)
         finally:
             m.hybrid.to_training()
+        if rules["rule_rate"] is not None:
+            ctx.tracker.log({f"eval/{k}": v for k, v in rules.items()}, step=step)
+        return rules
 
     ckpt, meta = common.checkpointing(ctx, {"actor": m.actor, "critic": m.critic},
                                       lambda: _extra_state(trainer, m, rule_start, pos))
     if meta is None:
-        rule_start = heldout()
-        if rule_start is not None:
-            ctx.tracker.log({"eval/rule_rate": rule_start}, step=0)
+        rule_start = heldout(0)
         pos = {"step": 0, "epoch": 0, "consumed": 0}
     else:
         rule_start, pos = _restore(meta, trainer, m)
@@ -228,7 +243,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         train_s += time.perf_counter() - t0
         m.update_ema()
         stats = _mean([e["stats"] for e in exps])
-        trainer.kl_ctl.update(stats["kl"], n_steps=c.generation_batch_size * c.generation_batches)
+        trainer.kl_ctl.update(stats["kl"], n_steps=rows * c.generation_batches)
         gen_s += stats["generation_s"] * len(exps)
         tokens += stats["generated_tokens"] * len(exps)
         samples += sum(e["seq"].shape[0] for e in exps)
@@ -243,10 +258,12 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
             ctx.tracker.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", refresh=False)
+        if c.eval_every and step % c.eval_every == 0 and step < n_iters:
+            heldout(step)
         ckpt.maybe_save(step, dict(pos))
     bar.close()
     # 5. score, save, summarise
-    rule_end = heldout()
+    rule_end = heldout(pos["step"])
     m.hybrid.release()
     actor_dir = common.export_hf(ctx, m.actor.module, tokenizer, ctx.run_dir / "model")
     common.export_hf(ctx, m.critic.module, tokenizer, ctx.run_dir / "critic", save=save_reward_model)
@@ -262,7 +279,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     return common.finish(ctx, {
         "stage": "ppo", "model_dir": str(actor_dir), "critic_dir": str(ctx.run_dir / "critic"),
         "ema_dir": str(ema_dir) if ema_dir else None, "steps": pos["step"],
-        "rule_rate_start": rule_start, "rule_rate": rule_end,
+        "rule_rate_start": rule_start["rule_rate"], "rule_rate_sampled_start": rule_start["rule_rate_sampled"],
+        **rule_end,
         "reward_mean": last.get("train/reward"), "kl": last.get("train/kl"),
         "actor_loss": last.get("train/actor_loss"), "critic_loss": last.get("train/critic_loss"),
         "answer_len": last.get("train/answer_len"), "generation_time_s": gen_s, "train_time_s": train_s,
@@ -270,5 +288,6 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "samples_per_s": samples * ctx.world / max(time.perf_counter() - t_start, 1e-9),
         "hybrid_path": m.hybrid.path, "hybrid_reason": m.hybrid.reason, "prompts": len(prompts),
         "dropped_prompts": pstats.get("dropped", 0), "params": total, "trainable_params": trainable,
-        "objective": rule_end if rule_end is not None else last.get("train/reward"),
+        "objective": (rule_end["rule_rate_sampled"] if rule_end["rule_rate_sampled"] is not None
+                      else last.get("train/reward")),
     })

@@ -2,7 +2,7 @@
 
 Causal-LM loss on prompt + chosen of the step-1 share of every preference source, plus the
 sft_only data whole (optionally on the answer tokens only). Evaluated by perplexity on the eval
-split and, on the demo task, by the share of held-out prompts whose greedy answer passes the rule.
+split and, on the demo task, by the share of held-out answers (greedy and sampled) that pass the rule.
 
 Steps:
   1. start the run (ranks, seed, tracking);
@@ -78,15 +78,15 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save, score, summarise
     model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
-    rule = common.heldout_rule_rate(ctx, engine.module, tokenizer)
+    rules = common.heldout_rule_rates(ctx, engine.module, tokenizer)
     return common.finish(ctx, {
         "stage": "sft", "model_dir": str(model_dir),
         "eval_ppl": metrics["ppl"], "eval_loss": metrics["loss"], "eval_ppl_initial": initial["ppl"],
-        "final_train_loss": metrics["final_train_loss"], "rule_rate": rule,
+        "final_train_loss": metrics["final_train_loss"], **rules,
         "steps": metrics["steps"], "samples_per_s": metrics["samples_per_s"],
         "tokens_per_s": metrics["tokens_per_s"], "train_time_s": metrics["train_time_s"],
         "skipped_nonfinite": metrics["skipped_nonfinite"],
         "params": n_params, "trainable_params": n_trainable, "param_shard_fraction": shard,
         "train_rows": len(train_ds), "dropped_rows": train_stats.get("dropped", 0),
-        "objective": rule if rule is not None else -metrics["ppl"],
+        "objective": rules["rule_rate_sampled"] if rules["rule_rate_sampled"] is not None else -metrics["ppl"],
     })
