@@ -42,17 +42,18 @@ def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
         assert (run_dir / step / "model" / "config.json").exists()
     assert "| sft | eval_ppl |" in stdout and "| ppo | reward_mean |" in stdout
     rm = summary["steps"]["rm"]
-    assert rm["acc"] >= 0.875, rm  # observed 0.90 (2 threads) and 0.9125 (1 thread) on the tiny demo
+    assert rm["acc"] >= 0.9, rm  # observed 1.0 (one thread) and 0.95 (two threads) on the 80 eval pairs
     AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "model")  # transformers alone
 
 
 @pytest.mark.slow
 def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
     """Observed (seed 1234, one thread): SFT greedy 0.797 / sampled 0.336 on the 64 held-out prompts;
-    after 100 PPO iterations greedy 0.797, sampled 0.48 (4 answers per prompt), KL 0.28 nats per
-    answer, reward -2.1 -> 2.4 (first vs last 10 iterations). The tiny reward model judges format,
-    refusals and parity well but sums poorly, so a faster actor (lr 3e-4) gains as much sampled
-    rate but breaks greedy sums (0.81 -> 0.63): the greedy bound below catches that."""
+    after 100 PPO iterations greedy 0.781, sampled 0.504 (4 answers per prompt), KL 0.23 nats per
+    answer, reward -5.2 -> 3.5 (first vs last 10 iterations). The tiny reward model judges format,
+    refusals and parity best and sums least (trained 10 epochs instead of 20 it was blind to sums);
+    a faster actor (lr 3e-4) gains as much sampled rate but finds those blind spots and breaks
+    greedy sums (0.80 -> 0.63): the greedy bound below catches that."""
     run_dir, _ = pipeline_run
     ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
     sft = json.loads((run_dir / "sft" / "summary.json").read_text())
