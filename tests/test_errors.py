@@ -73,3 +73,11 @@ def test_ppo_sampling_settings_name_the_key(tmp_path, overrides, match):
     cfg = compose_cfg("stage=ppo", *QUICK, *overrides, run_dir=tmp_path)
     with pytest.raises(ValueError, match=match):
         ppo.run(cfg)
+
+
+def test_standalone_rm_stage_refuses_a_reward_choice_it_would_ignore(tmp_path):
+    from rlhf.stages import rm
+
+    cfg = compose_cfg("stage=rm", *QUICK, "reward=tiny-llama", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="stage=rm trains `model` \\(tiny-opt\\), but reward=tiny-llama.*model="):
+        rm.run(cfg)

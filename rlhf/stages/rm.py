@@ -52,6 +52,10 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.models.reward import load_reward_model, save_reward_model
 
     sec = cfg.rm
+    if cfg.reward.name != cfg.model.name:  # reward=X on its own would be ignored here
+        raise ValueError(f"stage=rm trains `model` ({cfg.model.name}), but reward={cfg.reward.name} was chosen: "
+                         f"for a standalone step 2 pick the model with model=... / model.path=... "
+                         f"(reward=... picks the step-2 model in stage=pipeline)")
     # 1. start
     ctx = common.start(cfg, "rm", run_dir)
     # 2. data
