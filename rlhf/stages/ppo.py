@@ -137,7 +137,10 @@ def _restore(meta, trainer: PPOTrainer, m: RLHFEngine):
     if m.ema is not None:
         shadow = {k[len("ema."):]: v for k, v in extra.items() if k.startswith("ema.")}
         m.ema.load_state_dict({**m.ema.state_dict(), "shadow": shadow})
-    return extra["rule_start"], dict(meta["loop"])
+    start = extra["rule_start"]
+    if not isinstance(start, dict):  # a checkpoint written before the sampled rate existed
+        start = {"rule_rate": start, "rule_rate_sampled": None}
+    return start, dict(meta["loop"])
 
 
 def run(cfg, run_dir=None) -> Dict[str, Any]:
