@@ -36,28 +36,15 @@ def test_step3_without_the_earlier_steps_output(tmp_path):
         pipeline.plan(cfg, tmp_path)
 
 
-def test_lora_target_that_does_not_exist(tmp_path):
-    cfg = compose_cfg("stage=sft", *QUICK, "lora=r8", "lora.target_modules=[query_key_value]", run_dir=tmp_path)
-    with pytest.raises(ValueError, match="query_key_value"):
-        sft.run(cfg)
-
-
-def test_accumulation_larger_than_an_epoch(tmp_path):
-    cfg = compose_cfg("stage=sft", *QUICK, "sft.grad_accum=100000", run_dir=tmp_path)
-    with pytest.raises(ValueError, match="sft.grad_accum=100000"):
-        sft.run(cfg)
-
-
-def test_remote_code_family_needs_the_opt_in(tmp_path):
-    cfg = compose_cfg("stage=sft", *QUICK, "model=opt-125m", "model.family=chatglm", "model.path=THUDM/chatglm-6b",
-                      run_dir=tmp_path)
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        sft.run(cfg)
-
-
-def test_half_precision_on_cpu_names_the_profile(tmp_path):
-    cfg = compose_cfg("stage=sft", *QUICK, "hardware.precision=fp16", run_dir=tmp_path)
-    with pytest.raises(ValueError, match="hardware.precision=fp16"):
+@pytest.mark.parametrize("overrides, match", [
+    (("lora=r8", "lora.target_modules=[query_key_value]"), "query_key_value"),  # a LoRA target that does not exist
+    (("sft.grad_accum=100000",), "sft.grad_accum=100000"),  # accumulation larger than an epoch
+    (("model=opt-125m", "model.family=chatglm", "model.path=THUDM/chatglm-6b"), "trust_remote_code"),  # needs the opt-in
+    (("hardware.precision=fp16",), "hardware.precision=fp16"),  # half precision on the CPU profile
+])
+def test_bad_sft_settings_name_the_key(tmp_path, overrides, match):
+    cfg = compose_cfg("stage=sft", *QUICK, *overrides, run_dir=tmp_path)
+    with pytest.raises(ValueError, match=match):
         sft.run(cfg)
 
 

@@ -152,20 +152,15 @@ def _assert_two_rank_run(run_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_cpu2_really_starts_two_ranks(tmp_path):
-    out = run_py("stage=sft", "hardware=cpu2", *TINY_RUN, f"hydra.run.dir={tmp_path}")
+@pytest.mark.parametrize("launcher, command", [
+    ("local", "torch.distributed.run --nproc_per_node=2"),  # local = torchrun for several ranks
+    # the dgx8/v100x16 launcher path (deepspeed runner, --no_local_rank, --module) for real, on 2 CPU ranks
+    ("deepspeed", "deepspeed --num_nodes=1 --num_gpus=2"),
+])
+def test_cpu2_really_starts_two_ranks(tmp_path, launcher, command):
+    out = run_py("stage=sft", "hardware=cpu2", f"hardware.launcher={launcher}", *TINY_RUN, f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "torch.distributed.run --nproc_per_node=2" in out.stdout + out.stderr
-    _assert_two_rank_run(tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.dist
-def test_deepspeed_launcher_starts_two_cpu_ranks(tmp_path):
-    """The dgx8/v100x16 launcher path (deepspeed runner, --no_local_rank, --module) for real, on 2 CPU ranks."""
-    out = run_py("stage=sft", "hardware=cpu2", "hardware.launcher=deepspeed", *TINY_RUN, f"hydra.run.dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "deepspeed --num_nodes=1 --num_gpus=2" in out.stdout + out.stderr
+    assert command in out.stdout + out.stderr
     _assert_two_rank_run(tmp_path)
 
 
