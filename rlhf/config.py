@@ -25,6 +25,8 @@ class ModelConfig:
     allow_pickle: bool = False  # explicit opt-in to load .bin/.pt pickle weights
     arch: Dict[str, Any] = field(default_factory=dict)  # HF config kwargs (random init, planner)
     params_b: float = 0.0  # parameter count in billions (planner), 0 = derive from arch
+    fn: Optional[str] = None  # reward role: <module>:<function> scoring (prompts, answers) in step 3 (rlhf/rewards.py)
+    fn_weight: float = 1.0  # reward role: factor on fn's scores, added to the reward model's (ppo.reward_model)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class HardwareConfig:
     launcher: str = "local"  # local (inline / torchrun) | deepspeed | slurm
     hostfile: Optional[str] = None  # for multi-node deepspeed launcher
     master_port: int = 0  # 0 = pick a free port
+    threads: int = 0  # torch CPU threads per rank, set at stage start (0 = torch's default)
 
 
 @dataclass
@@ -164,6 +167,8 @@ class PPOConfig:
     generation_batches: int = 1
     samples_per_prompt: int = 1  # answers sampled per prompt (rows per rollout = prompts x this)
     reward_baseline: str = "none"  # none | group (leave-one-out mean score of the prompt's other samples)
+    advantage: str = "gae"  # key of rlhf.algos.ppo.ADVANTAGES: gae | grpo | rloo | reinforce_pp
+    reward_model: bool = True  # score answers with the learned reward model (false: reward.fn alone)
     ppo_epochs: int = 1
     kl_ctl: float = 0.1
     adaptive_kl: bool = False
@@ -205,7 +210,7 @@ class CriticConfig:
 @dataclass
 class PipelineConfig:
     steps: List[int] = field(default_factory=lambda: [1, 2, 3])  # which steps to run (1 sft, 2 rm, 3 ppo/dpo)
-    algo: str = "ppo"  # ppo (SFT -> RM -> PPO) | dpo (SFT -> DPO)
+    algo: str = "ppo"  # ppo (SFT -> RM -> PPO) | dpo (SFT -> DPO) | grpo (SFT -> RM -> PPO with ppo.advantage=grpo)
 
 
 @dataclass

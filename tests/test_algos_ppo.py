@@ -223,3 +223,113 @@ def test_leave_one_out_scores_skips_invalid_rows():
 def test_leave_one_out_scores_rejects_ragged_groups():
     with pytest.raises(ValueError, match="groups of 4"):
         leave_one_out_scores(torch.zeros(6), 4)
+
+
+# ---------------------------------------------------------------- critic-free estimators
+
+
+def _inputs(scores, logprobs, ref, mask, group_size, kl_coef=0.1, gamma=1.0, valid=None):
+    from rlhf.algos.ppo import AdvantageInputs
+
+    scores = T(scores)
+    return AdvantageInputs(scores=scores, logprobs=T(logprobs), ref_logprobs=T(ref), values=None, mask=T(mask),
+                           valid=torch.ones_like(scores, dtype=torch.bool) if valid is None else T(valid),
+                           group_size=group_size, kl_coef=kl_coef, clip_reward_value=5.0, gamma=gamma, lam=0.95)
+
+
+def test_reward_to_go_discounted_and_masked():
+    from rlhf.algos.ppo import reward_to_go
+
+    rewards = T([[9.0, 1.0, 2.0, 4.0, 7.0]])
+    mask = T([[0, 1, 1, 1, 0]])  # prompt, 3 answer tokens, after EOS
+    # gamma 0.5: R3 = 4, R2 = 2 + 0.5 * 4 = 4, R1 = 1 + 0.5 * 4 = 3; 0 off the mask
+    close(reward_to_go(rewards, mask, 0.5), [[0.0, 3.0, 4.0, 4.0, 0.0]])
+
+
+def test_group_normalized_scores_hand_computed():
+    from rlhf.algos.ppo import group_normalized_scores
+
+    # group 1: mean 2, unbiased std sqrt((1 + 0 + 1) / 2) = 1 -> -1, 0, 1; group 2 all equal -> 0
+    close(group_normalized_scores(T([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3), [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0], tol=1e-5)
+    # only valid rows count: group 1 keeps {1, 3}: mean 2, std sqrt((1 + 1) / 1) = sqrt(2);
+    # group 2 has one valid row: no comparison, all 0
+    valid = T([True, False, True, True, False, False])
+    s = math.sqrt(2.0)
+    close(group_normalized_scores(T([1.0, 9.0, 3.0, 4.0, 8.0, 0.0]), 3, valid), [-1 / s, 0.0, 1 / s, 0.0, 0.0, 0.0],
+          tol=1e-5)
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_normalized_scores(torch.zeros(6), 4)
+
+
+def test_grpo_advantage_is_the_group_normalised_score_on_every_answer_token():
+    from rlhf.algos.ppo import ADVANTAGES
+
+    est = ADVANTAGES["grpo"]
+    assert not est.critic and est.kl_in_loss
+    # one prompt, two answers scored 3 and 1: mean 2, unbiased std sqrt(2) -> +-1/sqrt(2)
+    x = _inputs([3.0, 1.0], [[-1.0, -1.0, -1.0]] * 2, [[-2.0, -2.0, -2.0]] * 2, [[0, 1, 1], [0, 1, 0]], 2)
+    adv, ret = est.fn(x)
+    a = 1 / math.sqrt(2.0)
+    close(adv, [[0.0, a, a], [0.0, -a, 0.0]], tol=1e-5)  # the KL is not in the advantage (a loss term)
+    close(ret, adv)
+
+
+def test_rloo_advantage_leave_one_out_then_kl_penalised_reward_to_go():
+    from rlhf.algos.ppo import ADVANTAGES
+
+    est = ADVANTAGES["rloo"]
+    assert not est.critic and not est.kl_in_loss
+    # scores 2, 0 (one prompt): baselines 0 and 2 -> shaped +2, -2
+    # row 0: logp - ref = [., 0.5, -1] -> KL rewards -0.05, +0.1; +2 on the last token: [0, -0.05, 2.1]
+    # row 1: logp == ref: [0, 0, -2]
+    x = _inputs([2.0, 0.0], [[-1.0, -0.5, -2.0], [-1.0, -1.0, -1.0]], [[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]],
+                [[0, 1, 1], [0, 1, 1]], 2)
+    adv, ret = est.fn(x)
+    # reward to go (gamma 1): row 0 [0, -0.05 + 2.1, 2.1], row 1 [0, -2, -2]
+    close(adv, [[0.0, 2.05, 2.1], [0.0, -2.0, -2.0]], tol=1e-6)
+    close(ret, adv)
+
+
+def test_reinforce_pp_advantage_whitens_kl_penalised_returns_over_the_batch():
+    from rlhf.algos.ppo import ADVANTAGES
+
+    est = ADVANTAGES["reinforce_pp"]
+    assert not est.critic
+    # raw scores (no baseline) 2, 0; same KL as the RLOO test: returns row 0 [0, 2.05, 2.1], row 1 [0, 0, 0]
+    x = _inputs([2.0, 0.0], [[-1.0, -0.5, -2.0], [-1.0, -1.0, -1.0]], [[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]],
+                [[0, 1, 1], [0, 1, 1]], 2)
+    adv, ret = est.fn(x)
+    close(ret, [[0.0, 2.05, 2.1], [0.0, 0.0, 0.0]], tol=1e-6)
+    # whitened over the 4 answer tokens: mean (2.05 + 2.1) / 4 = 1.0375,
+    # unbiased var = (1.0125^2 + 1.0625^2 + 2 * 1.0375^2) / 3
+    mean = 1.0375
+    s = math.sqrt((1.0125 ** 2 + 1.0625 ** 2 + 2 * 1.0375 ** 2) / 3 + 1e-8)
+    close(adv, [[0.0, (2.05 - mean) / s, (2.1 - mean) / s], [0.0, -mean / s, -mean / s]], tol=1e-5)
+
+
+def test_gae_estimator_matches_kl_rewards_then_gae():
+    from rlhf.algos.ppo import ADVANTAGES, AdvantageInputs
+
+    assert ADVANTAGES["gae"].critic
+    x = _inputs([1.0], [[-1.0, -1.5, -1.0]], [[-1.0, -1.0, -1.0]], [[0, 1, 1]], 1)
+    x = AdvantageInputs(**{**x.__dict__, "values": T([[0.0, 0.5, 0.25]])})
+    adv, ret = ADVANTAGES["gae"].fn(x)
+    # rewards: token 1 KL -0.1 * -0.5 = 0.05; token 2 the score 1. gamma 1, lam 0.95:
+    # A2 = 1 - 0.25 = 0.75; A1 = (0.05 + 0.25 - 0.5) + 0.95 * 0.75 = 0.5125
+    close(adv, [[0.0, 0.5125, 0.75]], tol=1e-6)
+    close(ret, [[0.0, 0.5125 + 0.5, 0.75 + 0.25]], tol=1e-6)
+
+
+def test_kl_loss_k3_hand_computed():
+    from rlhf.algos.ppo import kl_loss
+
+    # d = ref - logp on the mask: -0.5 and 1.0 -> k3 = e^-0.5 - 1 + 0.5 and e - 1 - 1; third token masked
+    loss = kl_loss(T([[-1.0, -2.0, -9.0]]), T([[-1.5, -1.0, 0.0]]), T([[1, 1, 0]]))
+    close(loss, ((math.exp(-0.5) - 0.5) + (math.exp(1.0) - 2.0)) / 2, tol=1e-6)
+
+
+def test_unknown_estimator_names_the_key():
+    from rlhf.algos.ppo import get_estimator
+
+    with pytest.raises(ValueError, match="ppo.advantage='vtrace'.*gae, grpo, rloo, reinforce_pp"):
+        get_estimator("vtrace")

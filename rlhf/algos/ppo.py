@@ -9,9 +9,12 @@ contiguous (zeros, ones, zeros). Stats dicts hold detached 0-dim tensors (call `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-from rlhf.algos.logprobs import masked_mean
+from rlhf.algos.logprobs import masked_mean, masked_whiten
 
 Tensor = torch.Tensor
 
@@ -84,6 +87,129 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
         advantages[:, t] = running
     returns = torch.where(keep, advantages + v, zeros)
     return advantages, returns
+
+
+def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Discounted sum of the rewards from each answer token to the end of the answer.
+
+    rewards [B, T], mask [B, T] -> returns [B, T], detached: ``R_t = r_t + gamma * R_{t+1}`` over
+    masked tokens (rewards where mask is 0 count as 0); 0 where mask is 0.
+    """
+    keep = mask != 0
+    r = torch.where(keep, rewards, torch.zeros_like(rewards)).detach()
+    out = torch.zeros_like(r)
+    running = r[:, 0] * 0
+    for t in reversed(range(r.shape[1])):
+        running = torch.where(keep[:, t], r[:, t] + gamma * running, torch.zeros_like(running))
+        out[:, t] = running
+    return out
+
+
+def group_normalized_scores(scores: Tensor, group_size: int, valid: Tensor | None = None,
+                            eps: float = 1e-6) -> Tensor:
+    """GRPO's advantage of an answer: ``(score - group mean) / (group std + eps)``.
+
+    scores [B] with B = prompts * group_size, a prompt's answers adjacent; valid [B] (bool,
+    optional): rows that count. Mean and (unbiased) std are over the valid rows of the group; a
+    row of a group with fewer than two valid rows, and every invalid row, gets 0. -> [B].
+    """
+    if group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    g = scores.view(-1, group_size).to(torch.float32)
+    w = torch.ones_like(g) if valid is None else valid.view(-1, group_size).to(g.dtype)
+    n = w.sum(1, keepdim=True)
+    mean = (g * w).sum(1, keepdim=True) / n.clamp(min=1)
+    var = (((g - mean) * w) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    out = (g - mean) / (var.sqrt() + eps)
+    out = torch.where((n >= 2) & (w > 0), out, torch.zeros_like(out))
+    return out.reshape(-1).to(scores.dtype)
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an estimator may use, all from one rollout (aligned as in the module docstring).
+
+    scores [B] (reward per answer), logprobs / ref_logprobs [B, T], values [B, T] or None (no
+    critic), mask [B, T] (answer tokens), valid [B] (bool: answers kept), group_size (answers per
+    prompt, adjacent), kl_coef (KL penalty per token), clip_reward_value, gamma, lam.
+    """
+
+    scores: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor | None
+    mask: Tensor
+    valid: Tensor
+    group_size: int
+    kl_coef: float
+    clip_reward_value: float
+    gamma: float
+    lam: float
+
+
+def _gae(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, x.scores, x.mask, x.kl_coef, x.clip_reward_value)
+    return gae_advantages(rewards, x.values, x.mask, x.gamma, x.lam)
+
+
+def _grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    adv = group_normalized_scores(x.scores, x.group_size, x.valid).unsqueeze(1) * (x.mask != 0)
+    return adv, adv
+
+
+def _rloo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    shaped = leave_one_out_scores(x.scores, x.group_size, x.valid)
+    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, shaped, x.mask, x.kl_coef, x.clip_reward_value)
+    returns = reward_to_go(rewards, x.mask, x.gamma)
+    return returns, returns
+
+
+def _reinforce_pp(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, x.scores, x.mask, x.kl_coef, x.clip_reward_value)
+    returns = reward_to_go(rewards, x.mask, x.gamma)
+    adv = masked_whiten(returns, x.mask) if (x.mask != 0).sum() > 1 else returns
+    return adv, returns
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: ``fn(AdvantageInputs) -> (advantages [B, T], returns [B, T])``.
+
+    critic: it needs a value model (returns are its regression target); kl_in_loss: the KL to the
+    reference is a loss term (``kl_loss``, coefficient kl_ctl) instead of a per-token reward.
+    """
+
+    fn: Callable[[AdvantageInputs], tuple[Tensor, Tensor]]
+    critic: bool
+    kl_in_loss: bool = False
+
+
+# ppo.advantage -> estimator. Critic-free ones need several answers per prompt (ppo.samples_per_prompt).
+ADVANTAGES: dict[str, Estimator] = {
+    # DeepSpeed-Chat/InstructGPT: KL-penalised token rewards, critic values, GAE(gamma, lam)
+    "gae": Estimator(_gae, critic=True),
+    # GRPO (DeepSeekMath): the answer's score normalised by its prompt's group mean/std on every
+    # token; the KL to the reference is a k3 loss term
+    "grpo": Estimator(_grpo, critic=False, kl_in_loss=True),
+    # RLOO: score minus the mean of the prompt's other answers, KL-penalised token rewards, reward-to-go
+    "rloo": Estimator(_rloo, critic=False),
+    # REINFORCE++: KL-penalised token rewards, reward-to-go, whitened over the whole batch
+    "reinforce_pp": Estimator(_reinforce_pp, critic=False),
+}
+
+
+def get_estimator(name: str) -> Estimator:
+    if name not in ADVANTAGES:
+        raise ValueError(f"ppo.advantage={name!r}: expected one of {', '.join(ADVANTAGES)}")
+    return ADVANTAGES[name]
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """k3 estimate of KL(actor || reference) as a loss (GRPO): masked mean of
+    ``exp(d) - 1 - d`` with d = ref_logprobs - logprobs; [B, T] each -> 0-dim, with grad."""
+    keep = mask != 0
+    d = torch.where(keep, ref_logprobs - logprobs, torch.zeros_like(logprobs))
+    return masked_mean(torch.expm1(d) - d, mask)
 
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,

@@ -169,6 +169,14 @@ def verify(prompt: str, answer: str) -> bool:
     return m is not None and int(m.group()) == v
 
 
+def reward(prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """The rule as a reward function (``reward.fn=rlhf.data.demo:reward``): 1.0 per answer that
+    passes :func:`verify`, 0.0 otherwise."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"reward: {len(prompts)} prompts but {len(answers)} answers")
+    return [1.0 if verify(p, a) else 0.0 for p, a in zip(prompts, answers)]
+
+
 def rule_rate(prompts: Sequence[str], answers: Sequence[str]) -> float:
     """Share of (prompt, answer) pairs passing :func:`verify` (0.0 for none)."""
     if len(prompts) != len(answers):

@@ -346,13 +346,17 @@ def _step3(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
     critic_stage = ppo.critic_zero if (ppo.critic_zero is not None and sc.role_zero) else sc.setting.stage
     actor_lora = sc.lora_rank if ppo.actor_lora else 0
     critic_lora = sc.lora_rank if (ppo.critic_lora or sc.critic_lora) else 0
-    return ("step 3 (ppo)", [
+    from rlhf.algos.ppo import get_estimator  # critic-free estimators and reward.fn alone build fewer models
+
+    grpo = "grpo" in (cfg.stage.name, cfg.pipeline.algo)
+    built = {"critic": get_estimator("grpo" if grpo else ppo.advantage).critic, "reward": ppo.reward_model}
+    return ("step 3 (ppo)", [r for r in [
         Role("actor", shape("actor"), True, actor_lora, sc.only_lora, actor_stage),
         Role("critic", shape("reward"), True, critic_lora, sc.only_lora, critic_stage),
         Role("reference", shape("actor"), False, stage=3 if actor_stage == 3 else 0,
              offload=sc.offload_reference or None),
         Role("reward", shape("reward"), False, stage=3 if critic_stage == 3 else 0),
-    ])
+    ] if built.get(r.name, True)])
 
 
 def _dpo(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
@@ -370,10 +374,10 @@ def _pipeline(cfg, shape, sc: Scenario) -> List[Tuple[str, List[Role]]]:
     """The steps ``pipeline.steps`` runs: sft on the actor, rm on the reward model, then ppo or dpo."""
     steps, algo = set(cfg.pipeline.steps), cfg.pipeline.algo
     out = [_step1(cfg, shape, sc, "actor")] if 1 in steps else []
-    if 2 in steps and algo == "ppo":
+    if 2 in steps and algo in ("ppo", "grpo"):
         out.append(_step2(cfg, shape, sc, "reward"))
     if 3 in steps:
-        out.append(_step3(cfg, shape, sc) if algo == "ppo" else _dpo(cfg, shape, sc, "actor"))
+        out.append(_step3(cfg, shape, sc) if algo in ("ppo", "grpo") else _dpo(cfg, shape, sc, "actor"))
     return out
 
 
@@ -383,6 +387,7 @@ STAGE_STEPS: Dict[str, Callable[..., List[Tuple[str, List[Role]]]]] = {
     "pretrain": lambda cfg, shape, sc: [("pretrain", _step1(cfg, shape, sc)[1])],
     "rm": lambda cfg, shape, sc: [_step2(cfg, shape, sc)],
     "ppo": lambda cfg, shape, sc: [_step3(cfg, shape, sc)],
+    "grpo": lambda cfg, shape, sc: [_step3(cfg, shape, sc)],
     "dpo": lambda cfg, shape, sc: [_dpo(cfg, shape, sc)],
     "pipeline": _pipeline,
     "plan": lambda cfg, shape, sc: [_step1(cfg, shape, sc, "actor"), _step2(cfg, shape, sc, "reward"),

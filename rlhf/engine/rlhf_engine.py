@@ -1,8 +1,9 @@
 """The four models of step 3 (and the optional EMA), each with its own ZeRO stage and LoRA setting.
 
 actor (trained, from SFT) behind a HybridEngine; reference (frozen copy of the SFT model, optionally
-offloaded); critic (trained, from the RM); reward (frozen RM). Built from plain values: the model
-groups, the zero/hardware/lora groups and the ppo section.
+offloaded); critic (trained, from the RM; only for estimators that need one, ``with_critic``);
+reward (frozen RM; absent with ``with_reward=False``, when a reward function scores alone). Built
+from plain values: the model groups, the zero/hardware/lora groups and the ppo section.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 class RLHFEngine:
     actor: Any  # DeepSpeed engine (trained)
     ref: Any  # frozen module or ZeRO-3 inference engine
-    critic: Any  # DeepSpeed engine (trained)
-    reward: Any  # frozen module or ZeRO-3 inference engine
+    critic: Any  # DeepSpeed engine (trained); None for critic-free estimators
+    reward: Any  # frozen module or ZeRO-3 inference engine; None without a reward model
     hybrid: HybridEngine
     tokenizer: Any
     ema: Optional[EMA] = None  # rank 0 only
@@ -61,8 +62,9 @@ def reward_scores(model, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _module(model).score(seq, mask)
 
 
-def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: str, tokenizer, ppo, zero, hardware,
-                      lora, actor_family, critic_family, world: int, total_steps: int, dtype, device) -> RLHFEngine:
+def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: Optional[str], tokenizer, ppo, zero,
+                      hardware, lora, actor_family, critic_family, world: int, total_steps: int, dtype, device,
+                      with_critic: bool = True, with_reward: bool = True) -> RLHFEngine:
     from rlhf.models.load import load_causal_lm
     from rlhf.models.lora import apply_lora, lora_param_groups
     from rlhf.models.reward import load_reward_model
@@ -71,6 +73,8 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: st
     critic_stage = zero.stage if ppo.critic_zero is None else ppo.critic_zero
     init_a = "pretrained" if actor_cfg.init == "tiny" or actor_path != actor_cfg.path else None
     init_c = "pretrained" if critic_cfg.init == "tiny" or critic_path != critic_cfg.path else None
+    if (with_critic or with_reward) and not critic_path:
+        raise ValueError("step 3 needs a reward model directory for its critic/reward: set critic.path")
 
     def spec(lr, wd, steps=total_steps):
         return OptimSpec(lr=lr, weight_decay=wd, betas=[0.9, 0.95], eps=1e-8, scheduler=ppo.scheduler,
@@ -101,20 +105,27 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: st
     ref = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=True, init=init_a)
     ref = build_eval_engine(ref, zero, hardware, world, stage=actor_stage, offload=ppo.offload_reference and
                             actor_stage == 3, micro_batch_size=ppo.train_batch_size)
-    # 3. critic: trained, from the reward model
-    critic = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=ppo.critic_disable_dropout,
-                               init=init_c)
-    if ppo.critic_gradient_checkpointing:
-        critic.gradient_checkpointing_enable()
-    if ppo.critic_lora and lora.rank > 0:
-        critic.base = apply_lora(critic.base, lora, critic_family)
-    critic_zero = with_stage(zero, critic_stage)
-    critic_engine = build_train_engine(critic, lora_param_groups(critic, lora, ppo.critic_lr, ppo.critic_weight_decay),
-                                       spec(ppo.critic_lr, ppo.critic_weight_decay), critic_zero, hardware, world)
-    # 4. reward: frozen reward model
-    reward = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=True, init=init_c)
-    reward = build_eval_engine(reward, zero, hardware, world, stage=critic_stage, micro_batch_size=ppo.train_batch_size)
-    log.info("step-3 models: actor ZeRO-%d%s, reference %s, critic ZeRO-%d%s, reward frozen, EMA %s",
+    # 3. critic: trained, from the reward model (critic-free estimators build none)
+    critic_engine = None
+    if with_critic:
+        critic = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=ppo.critic_disable_dropout,
+                                   init=init_c)
+        if ppo.critic_gradient_checkpointing:
+            critic.gradient_checkpointing_enable()
+        if ppo.critic_lora and lora.rank > 0:
+            critic.base = apply_lora(critic.base, lora, critic_family)
+        critic_zero = with_stage(zero, critic_stage)
+        critic_engine = build_train_engine(critic, lora_param_groups(critic, lora, ppo.critic_lr, ppo.critic_weight_decay),
+                                           spec(ppo.critic_lr, ppo.critic_weight_decay), critic_zero, hardware, world)
+    # 4. reward: frozen reward model (none when a reward function scores alone)
+    reward = None
+    if with_reward:
+        reward = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=True, init=init_c)
+        reward = build_eval_engine(reward, zero, hardware, world, stage=critic_stage,
+                                   micro_batch_size=ppo.train_batch_size)
+    critic_s = (f"ZeRO-{critic_stage}" + (" + LoRA" if ppo.critic_lora and lora.rank > 0 else "")
+                if with_critic else "none")
+    log.info("step-3 models: actor ZeRO-%d%s, reference %s, critic %s, reward model %s, EMA %s",
              actor_stage, " + LoRA" if actor_lora else "", "ZeRO-3 sharded" if actor_stage == 3 else "full copy",
-             critic_stage, " + LoRA" if ppo.critic_lora and lora.rank > 0 else "", "on" if ema else "off")
+             critic_s, "frozen" if with_reward else "none", "on" if ema else "off")
     return RLHFEngine(actor_engine, ref, critic_engine, reward, hybrid, tokenizer, ema, bool(ppo.ema))

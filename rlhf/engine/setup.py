@@ -56,6 +56,15 @@ def dtype_for(precision: str, model_dtype: str = "auto") -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def set_threads(hardware: HardwareConfig) -> None:
+    """torch's intra-op CPU threads from ``hardware.threads`` (0 = leave torch's default): the
+    same profile gives the same numerics whatever machine it runs on."""
+    if hardware.threads < 0:
+        raise ValueError(f"hardware.threads={hardware.threads}: must be >= 0 (0 = torch's default)")
+    if hardware.threads:
+        torch.set_num_threads(int(hardware.threads))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -9,6 +9,7 @@ STAGES: Dict[str, str] = {
     "sft": "rlhf.stages.sft:run",
     "rm": "rlhf.stages.rm:run",
     "ppo": "rlhf.stages.ppo:run",
+    "grpo": "rlhf.stages.ppo:run_grpo",
     "pipeline": "rlhf.stages.pipeline:run",
     "chat": "rlhf.stages.chat:run",
     "plan": "rlhf.stages.plan:run",

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.engine.checkpoint import Checkpointer, resolve_resume
 from rlhf.engine.setup import (OptimSpec, barrier, device_for, dtype_for, gathered, init_distributed,
-                               seed_everything)
+                               seed_everything, set_threads)
 from rlhf.models.families import Family, get_family
 from rlhf.tracking import Tracker
 
@@ -50,6 +50,7 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
 
     check_fits(cfg)  # before anything is allocated: stop with the smallest change that fits
     rank, world = init_distributed(cfg.hardware)
+    set_threads(cfg.hardware)
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir or cfg.run_dir)
     cache_dir = Path(cfg.cache_dir)

@@ -1,4 +1,5 @@
-"""All steps in one run: SFT -> RM -> PPO (``pipeline.algo=ppo``) or SFT -> DPO (``dpo``).
+"""All steps in one run: SFT -> RM -> PPO (``pipeline.algo=ppo``), SFT -> RM -> GRPO (``grpo``:
+the PPO stage with ``ppo.advantage=grpo``, no critic) or SFT -> DPO (``dpo``).
 
 The actor (``actor=...``, default the ``model`` choice) is fine-tuned in step 1 and optimised in
 step 3; the reward model (``reward=...``) is trained in step 2 and becomes critic and reward.
@@ -23,7 +24,7 @@ from rlhf.tracking import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-KEY_METRIC = {"sft": "eval_ppl", "rm": "acc", "ppo": "reward_mean", "dpo": "acc"}
+KEY_METRIC = {"sft": "eval_ppl", "rm": "acc", "ppo": "reward_mean", "grpo": "reward_mean", "dpo": "acc"}
 
 
 def _input_dir(run_dir: Path, step: str, produced: bool, given, key: str, needed_by: str) -> str:
@@ -43,12 +44,12 @@ def _input_dir(run_dir: Path, step: str, produced: bool, given, key: str, needed
 def plan(cfg, run_dir: Path) -> List[tuple]:
     """[(name, sub-config), ...] for the steps to run, each wired to its inputs."""
     algo = cfg.pipeline.algo
-    if algo not in ("ppo", "dpo"):
-        raise ValueError(f"pipeline.algo must be 'ppo' or 'dpo', got '{algo}'")
+    if algo not in ("ppo", "dpo", "grpo"):
+        raise ValueError(f"pipeline.algo must be 'ppo', 'grpo' or 'dpo', got '{algo}'")
     steps = list(cfg.pipeline.steps)
     if not steps or any(s not in (1, 2, 3) for s in steps):
         raise ValueError(f"pipeline.steps must be a subset of [1, 2, 3], got {steps}")
-    names = {1: "sft", 2: "rm" if algo == "ppo" else None, 3: algo}
+    names = {1: "sft", 2: "rm" if algo in ("ppo", "grpo") else None, 3: algo}
     out = []
     for s in sorted(steps):
         name = names[s]
@@ -63,7 +64,7 @@ def plan(cfg, run_dir: Path) -> List[tuple]:
         else:
             sub.model = copy.deepcopy(cfg.actor)
             sub.actor.path = _input_dir(run_dir, "sft", 1 in steps, cfg.actor.path, "actor.path", name)
-            if name == "ppo":
+            if name in ("ppo", "grpo"):
                 sub.critic.path = _input_dir(run_dir, "rm", 2 in steps, cfg.critic.path, "critic.path", name)
         out.append((name, sub))
     return out

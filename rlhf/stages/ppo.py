@@ -1,7 +1,11 @@
-"""Step 3: RLHF with PPO (DeepSpeed-Chat semantics, reference.md §1).
+"""Step 3: RLHF with PPO (DeepSpeed-Chat semantics, reference.md §1) and its critic-free variants.
 
 Four models (rlhf/engine/rlhf_engine.py): actor from the SFT model behind the hybrid engine,
 frozen reference, critic from the reward model, frozen reward model; optional EMA of the actor.
+``ppo.advantage`` picks the estimator (rlhf.algos.ppo.ADVANTAGES): gae trains the critic; grpo,
+rloo and reinforce_pp build none and compare the ``ppo.samples_per_prompt`` answers of a prompt.
+Answers are scored by the reward model (``ppo.reward_model``) plus ``reward.fn_weight`` times a
+reward function (``reward.fn``, rlhf/rewards.py); either may be used alone.
 
 Steps:
   1. start the run; resolve the actor (``actor.path``) and critic/reward (``critic.path``) dirs;
@@ -13,6 +17,7 @@ Steps:
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -32,14 +37,24 @@ log = logging.getLogger(__name__)
 class PPOTrainer:
     """DeepSpeed-Chat's trainer API: ``generate_experience(prompts)`` and ``train_rlhf(exp)``."""
 
-    def __init__(self, rlhf: RLHFEngine, ppo, device, verify=None):
-        self.m, self.cfg, self.device, self.verify = rlhf, ppo, device, verify
+    def __init__(self, rlhf: RLHFEngine, ppo, device, verify=None, reward_fn=None):
+        self.m, self.cfg, self.device, self.verify, self.reward_fn = rlhf, ppo, device, verify, reward_fn
+        self.estimator = P.get_estimator(ppo.advantage)
         self.kl_ctl = (P.AdaptiveKLController(ppo.kl_ctl, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
                        else P.FixedKLController(ppo.kl_ctl))
 
+    def score(self, seq, mask, prompts: List[str], answers: List[str]) -> Dict[str, torch.Tensor]:
+        """Per answer: reward model score (0 without one), reward function score (0 without one)
+        and their sum ``rm + reward.fn_weight * fn`` [B] each."""
+        rm = (reward_scores(self.m.reward, seq, mask).float() if self.m.reward is not None
+              else torch.zeros(seq.shape[0], device=seq.device))
+        fn = (self.reward_fn(prompts, answers).to(rm.device) if self.reward_fn is not None else torch.zeros_like(rm))
+        return {"rm": rm, "fn": fn, "total": rm + (self.reward_fn.weight * fn if self.reward_fn else 0.0)}
+
     @torch.no_grad()
     def generate_experience(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-        """Sample answers, then score them: log-probs, reference log-probs, values, rewards, GAE."""
+        """Sample answers, then score them: log-probs, reference log-probs, values (with a critic),
+        rewards, advantages (``ppo.advantage``)."""
         c, tok = self.cfg, self.m.tokenizer
         prompt, pmask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         if c.samples_per_prompt > 1:  # the answers to one prompt stay adjacent (group baseline)
@@ -61,61 +76,83 @@ class PPOTrainer:
         action_mask = mask[:, 1:].clone()
         action_mask[:, : n_prompt - 1] = 0
         action_mask *= valid.unsqueeze(1)
-        self.m.actor.eval(), self.m.critic.eval()
+        critic = self.m.critic
+        self.m.actor.eval()
         logprobs = policy_logprobs(self.m.actor, seq, mask)
         ref_logprobs = policy_logprobs(self.m.ref, seq, mask)
-        values = critic_values(self.m.critic, seq, mask) * action_mask  # values after the end zeroed
-        scores = reward_scores(self.m.reward, seq, mask)
-        self.m.actor.train(), self.m.critic.train()
+        values = None
+        if critic is not None:
+            critic.eval()
+            values = critic_values(critic, seq, mask) * action_mask  # values after the end zeroed
+            critic.train()
+        self.m.actor.train()
+        texts = prompts = None
+        if self.verify is not None or self.reward_fn is not None:
+            texts = tok.batch_decode(answer, skip_special_tokens=True)
+            prompts = tok.batch_decode(prompt, skip_special_tokens=True)
+        scored = self.score(seq, mask, prompts, texts)
+        scores = scored["total"]
         shaped = (P.leave_one_out_scores(scores, c.samples_per_prompt, valid.bool())
                   if c.reward_baseline == "group" else scores)
-        rewards = P.kl_penalized_rewards(logprobs, ref_logprobs, shaped, action_mask, self.kl_ctl.value,
-                                         c.clip_reward_value)
-        adv, returns = P.gae_advantages(rewards, values, action_mask, c.gamma, c.lam)
+        adv, returns = self.estimator.fn(P.AdvantageInputs(
+            scores=shaped, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, mask=action_mask,
+            valid=valid.bool(), group_size=c.samples_per_prompt, kl_coef=self.kl_ctl.value,
+            clip_reward_value=c.clip_reward_value, gamma=c.gamma, lam=c.lam))
         if c.whiten_advantages and action_mask.sum() > 1:
             adv = masked_whiten(adv, action_mask)
         kl = P.kl_estimates(logprobs, ref_logprobs, action_mask)
-        stats = {"reward": float(scores[valid.bool()].mean()) if valid.any() else 0.0,
+        ok = valid.bool()
+        stats = {"reward": float(scores[ok].mean()) if valid.any() else 0.0,
                  "kl": float(kl["kl"]), "answer_len": float(answer_len.float().mean()),
                  "valid_share": float(valid.float().mean()), "generation_s": gen_s, "answers": float(seq.shape[0]),
                  "generated_tokens": float(answer_len.sum())}
+        if self.reward_fn is not None and valid.any():
+            stats["reward_fn"] = float(scored["fn"][ok].mean())
+            if self.m.reward is not None:
+                stats["reward_rm"] = float(scored["rm"][ok].mean())
         if self.verify is not None:
-            texts = tok.batch_decode(answer, skip_special_tokens=True)
-            prompts = tok.batch_decode(prompt, skip_special_tokens=True)
             stats["rule_rate"] = sum(self.verify(p, a) for p, a in zip(prompts, texts)) / len(texts)
-        return {"seq": seq, "mask": mask, "action_mask": action_mask, "logprobs": logprobs, "values": values,
-                "advantages": adv, "returns": returns, "stats": stats}
+        exp = {"seq": seq, "mask": mask, "action_mask": action_mask, "logprobs": logprobs,
+               "ref_logprobs": ref_logprobs, "advantages": adv, "returns": returns, "stats": stats}
+        if values is not None:
+            exp["values"] = values
+        return exp
 
     def train_rlhf(self, exp: Dict[str, Any], unsup: Dict[str, torch.Tensor] | None = None) -> Dict[str, float]:
-        """One PPO update of actor and critic on a mini-batch of experience (plus PTX)."""
+        """One PPO update of actor (and critic, if any) on a mini-batch of experience (plus PTX)."""
         c, actor, critic = self.cfg, self.m.actor, self.m.critic
         seq, mask, am = exp["seq"], exp["mask"], exp["action_mask"]
         logp = policy_logprobs(actor, seq, mask)
         actor_loss, a_stats = P.policy_loss(logp, exp["logprobs"], exp["advantages"], am, c.cliprange)
+        out = {"actor_clipfrac": float(a_stats["clipfrac"]), "approx_kl": float(a_stats["approx_kl"])}
+        if self.estimator.kl_in_loss:  # GRPO: KL to the reference as a loss term, weight kl_ctl
+            kl_term = P.kl_loss(logp, exp["ref_logprobs"], am)
+            actor_loss = actor_loss + self.kl_ctl.value * kl_term
+            out["kl_loss"] = float(kl_term)
         actor.backward(actor_loss)
         actor.step()
-        out = {"actor_loss": float(actor_loss), "actor_clipfrac": float(a_stats["clipfrac"]),
-               "approx_kl": float(a_stats["approx_kl"])}
+        out["actor_loss"] = float(actor_loss)
         if unsup is not None:  # PTX: pre-training loss keeps public-benchmark skills
             unsup = {k: v.to(self.device) for k, v in unsup.items()}
             ptx_loss = actor(**unsup).loss * c.unsup_coef
             actor.backward(ptx_loss)
             actor.step()
             out["ptx_loss"] = float(ptx_loss) / max(c.unsup_coef, 1e-12)
-        values = critic_values(critic, seq, mask)
-        critic_loss, v_stats = P.value_loss(values, exp["values"], exp["returns"], am, c.cliprange_value)
-        critic.backward(critic_loss)
-        critic.step()
-        out.update(critic_loss=float(critic_loss), critic_clipfrac=float(v_stats["clipfrac"]))
+        if critic is not None:
+            values = critic_values(critic, seq, mask)
+            critic_loss, v_stats = P.value_loss(values, exp["values"], exp["returns"], am, c.cliprange_value)
+            critic.backward(critic_loss)
+            critic.step()
+            out.update(critic_loss=float(critic_loss), critic_clipfrac=float(v_stats["clipfrac"]))
         return out
 
 
 def _minibatches(exps: List[Dict[str, Any]], size: int):
     """Split each experience batch into mini-batches of ``size`` rows (shapes kept per batch)."""
-    keys = ("seq", "mask", "action_mask", "logprobs", "values", "advantages", "returns")
+    keys = ("seq", "mask", "action_mask", "logprobs", "ref_logprobs", "values", "advantages", "returns")
     for e in exps:
         for i in range(0, e["seq"].shape[0], size):
-            yield {k: e[k][i:i + size] for k in keys}
+            yield {k: e[k][i:i + size] for k in keys if k in e}
 
 
 def _mean(rows: List[Dict[str, float]]) -> Dict[str, float]:
@@ -143,7 +180,58 @@ def _restore(meta, trainer: PPOTrainer, m: RLHFEngine):
     return start, dict(meta["loop"])
 
 
-def run(cfg, run_dir=None) -> Dict[str, Any]:
+def check(cfg):
+    """Validate the step-3 settings before anything starts; -> (estimator, reward function or None)."""
+    from rlhf.rewards import load_reward_fn
+
+    c = cfg.ppo
+    est = P.get_estimator(c.advantage)
+    if c.samples_per_prompt < 1:
+        raise ValueError(f"ppo.samples_per_prompt={c.samples_per_prompt}: must be >= 1")
+    if not est.critic and c.samples_per_prompt < 2:
+        raise ValueError(f"ppo.advantage={c.advantage} has no critic and compares the answers to one prompt: "
+                         f"set ppo.samples_per_prompt >= 2 (got {c.samples_per_prompt}), e.g. 4 with "
+                         f"ppo.generation_batch_size divided by 4")
+    if c.reward_baseline not in ("none", "group"):
+        raise ValueError(f"ppo.reward_baseline={c.reward_baseline!r}: expected none or group")
+    if c.reward_baseline == "group" and not est.critic:
+        raise ValueError(f"ppo.reward_baseline=group is for ppo.advantage=gae; ppo.advantage={c.advantage} "
+                         "sets its own baseline (leave ppo.reward_baseline=none)")
+    if c.reward_baseline == "group" and c.samples_per_prompt < 2:
+        raise ValueError("ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2 (the baseline is the mean "
+                         "score of a prompt's other answers)")
+    if not c.reward_model and not cfg.reward.fn:
+        raise ValueError("ppo.reward_model=false leaves nothing to score answers: set reward.fn=<module>:<function> "
+                         "(e.g. rlhf.data.demo:reward) or ppo.reward_model=true")
+    if not c.reward_model and not est.critic and cfg.critic.path:
+        raise ValueError(f"critic.path={cfg.critic.path} is not used: ppo.advantage={c.advantage} builds no critic "
+                         "and ppo.reward_model=false loads no reward model (drop critic.path)")
+    return est, (load_reward_fn(cfg.reward.fn, cfg.reward.fn_weight) if cfg.reward.fn else None)
+
+
+GRPO_GROUP = 4  # answers per prompt stage=grpo samples when ppo.samples_per_prompt is left at 1
+
+
+def run_grpo(cfg, run_dir=None) -> Dict[str, Any]:
+    """Step 3 as GRPO (``pipeline.algo=grpo``): this stage with ``ppo.advantage=grpo``. Left at
+    the PPO default of one answer per prompt, ``ppo.samples_per_prompt`` becomes GRPO_GROUP and
+    ``ppo.generation_batch_size`` is divided by it (the answers per rollout stay the same)."""
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(cfg)
+    c = cfg.ppo
+    if c.advantage not in ("gae", "grpo"):
+        raise ValueError(f"stage grpo runs ppo.advantage=grpo, got ppo.advantage={c.advantage}: for another "
+                         "estimator use pipeline.algo=ppo (or stage=ppo) with ppo.advantage set")
+    with OmegaConf.read_write(cfg):
+        c.advantage = "grpo"
+        if c.samples_per_prompt == 1 and c.generation_batch_size % GRPO_GROUP == 0:
+            c.samples_per_prompt, c.generation_batch_size = GRPO_GROUP, c.generation_batch_size // GRPO_GROUP
+            log.info("grpo: %d answers to each of %d prompts per rollout", GRPO_GROUP, c.generation_batch_size)
+    return run(cfg, run_dir, stage="grpo")
+
+
+def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
     from rlhf.data.blend import build_step_data, load_unsupervised
     from rlhf.data.collate import PromptCollator, SFTCollator
     from rlhf.data.tokenize import tokenize_prompts, tokenize_text
@@ -155,23 +243,18 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.models.reward import save_reward_model
 
     c = cfg.ppo
+    est, reward_fn = check(cfg)
     rows = c.generation_batch_size * c.samples_per_prompt  # answers per rollout
-    if c.samples_per_prompt < 1:
-        raise ValueError(f"ppo.samples_per_prompt={c.samples_per_prompt}: must be >= 1")
-    if c.reward_baseline not in ("none", "group"):
-        raise ValueError(f"ppo.reward_baseline={c.reward_baseline!r}: expected none or group")
-    if c.reward_baseline == "group" and c.samples_per_prompt < 2:
-        raise ValueError("ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2 (the baseline is the mean "
-                         "score of a prompt's other answers)")
     if rows % c.train_batch_size:
         raise ValueError(f"ppo.generation_batch_size={c.generation_batch_size} x ppo.samples_per_prompt="
                          f"{c.samples_per_prompt} = {rows} answers per rollout is not a multiple of "
                          f"ppo.train_batch_size={c.train_batch_size}: each rollout must split into whole mini-batches")
     # 1. start; which checkpoints
-    ctx = common.start(cfg, "ppo", run_dir)
+    ctx = common.start(cfg, stage, run_dir)
     actor_path = resolve_path(cfg.actor, ctx.cache_dir, key="actor")
-    critic_path = cfg.critic.path or resolve_path(cfg.reward, ctx.cache_dir, key="reward")
-    if not Path(critic_path).exists() and cfg.critic.path:
+    needs_rm_dir = est.critic or c.reward_model
+    critic_path = (cfg.critic.path or resolve_path(cfg.reward, ctx.cache_dir, key="reward")) if needs_rm_dir else None
+    if cfg.critic.path and not Path(critic_path).exists():
         raise FileNotFoundError(f"critic.path={cfg.critic.path}: no such directory (a step-2 model dir)")
     actor_family, critic_family = get_family(cfg.actor.family), get_family(cfg.reward.family)
     tokenizer = common.load_tokenizer(ctx, actor_path)
@@ -196,11 +279,12 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     m = build_rlhf_engine(actor_cfg=cfg.actor, actor_path=actor_path, critic_cfg=cfg.reward, critic_path=critic_path,
                           tokenizer=tokenizer, ppo=c, zero=cfg.zero, hardware=cfg.hardware, lora=cfg.lora,
                           actor_family=actor_family, critic_family=critic_family, world=ctx.world,
-                          total_steps=updates, dtype=ctx.dtype, device=ctx.device)
+                          total_steps=updates, dtype=ctx.dtype, device=ctx.device,
+                          with_critic=est.critic, with_reward=c.reward_model)
     verify = None
     if common.uses_demo(ctx):
         from rlhf.data.demo import verify
-    trainer = PPOTrainer(m, c, ctx.device, verify)
+    trainer = PPOTrainer(m, c, ctx.device, verify, reward_fn)
 
     def heldout(step: int) -> Dict[str, float | None]:
         module = m.hybrid.to_generation()
@@ -212,7 +296,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
             ctx.tracker.log({f"eval/{k}": v for k, v in rules.items()}, step=step)
         return rules
 
-    ckpt, meta = common.checkpointing(ctx, {"actor": m.actor, "critic": m.critic},
+    engines = {"actor": m.actor, **({"critic": m.critic} if m.critic is not None else {})}
+    ckpt, meta = common.checkpointing(ctx, engines,
                                       lambda: _extra_state(trainer, m, rule_start, pos))
     if meta is None:
         rule_start = heldout(0)
@@ -269,7 +354,9 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     rule_end = heldout(pos["step"])
     m.hybrid.release()
     actor_dir = common.export_hf(ctx, m.actor.module, tokenizer, ctx.run_dir / "model")
-    common.export_hf(ctx, m.critic.module, tokenizer, ctx.run_dir / "critic", save=save_reward_model)
+    critic_dir = None
+    if m.critic is not None:
+        critic_dir = common.export_hf(ctx, m.critic.module, tokenizer, ctx.run_dir / "critic", save=save_reward_model)
     ema_dir = None
     if m.ema is not None:
         ema_dir = ctx.run_dir / "ema"
@@ -280,11 +367,12 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     last = ctx.tracker.last
     total, trainable = count_params(m.actor.module)
     return common.finish(ctx, {
-        "stage": "ppo", "model_dir": str(actor_dir), "critic_dir": str(ctx.run_dir / "critic"),
+        "stage": stage, "advantage": c.advantage, "reward_fn": cfg.reward.fn, "model_dir": str(actor_dir),
+        "critic_dir": str(critic_dir) if critic_dir else None,
         "ema_dir": str(ema_dir) if ema_dir else None, "steps": pos["step"],
         "rule_rate_start": rule_start["rule_rate"], "rule_rate_sampled_start": rule_start["rule_rate_sampled"],
         **rule_end,
-        "reward_mean": last.get("train/reward"), "kl": last.get("train/kl"),
+        "reward_mean": last.get("train/reward"), "reward_fn_mean": last.get("train/reward_fn"), "kl": last.get("train/kl"),
         "actor_loss": last.get("train/actor_loss"), "critic_loss": last.get("train/critic_loss"),
         "answer_len": last.get("train/answer_len"), "generation_time_s": gen_s, "train_time_s": train_s,
         "gen_tokens_per_s": tokens * ctx.world / max(gen_s, 1e-9),
