@@ -131,7 +131,7 @@ class PPOTrainer:
             out["kl_loss"] = float(kl_term)
         actor.backward(actor_loss)
         actor.step()
-        out["actor_loss"] = float(actor_loss)
+        out["actor_loss"] = float(actor_loss.detach())
         if unsup is not None:  # PTX: pre-training loss keeps public-benchmark skills
             unsup = {k: v.to(self.device) for k, v in unsup.items()}
             ptx_loss = actor(**unsup).loss * c.unsup_coef
