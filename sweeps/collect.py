@@ -13,6 +13,9 @@ sweeps/expected/ for the numbers they reported):
 - ``lora_rank``: LoRA rank (and ZeRO setting) -> trainable params, batch, GPU memory, s/sample,
   minutes/epoch;
 - ``dschat_e2e``: one row per model and hardware, hours for steps 1, 2, 3 and the total;
+- ``robustness``: one row per pipeline run (algo, seed, threads) with the held-out rule rates of
+  the SFT start and the final model, greedy and sampled, and their changes; then per algo the
+  median and the min over its runs;
 - ``generic`` (hyperparameter searches, ad-hoc ``-m`` runs): the swept overrides -> status,
   objective, throughput, memory.
 
@@ -294,10 +297,42 @@ def dschat_e2e_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
     return header, out
 
 
+ROBUSTNESS_RATES = (("greedy", "rule_rate"), ("sampled", "rule_rate_sampled"))
+
+
+def robustness_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
+    """Per pipeline run: SFT -> final rule rates (greedy, sampled) and their change; per algo the
+    median and the min of every number over its ok runs."""
+    import statistics
+
+    header = ["algo", "seed", "threads"]
+    for label, _ in ROBUSTNESS_RATES:
+        header += [f"{label} before", f"{label} after", f"{label} change"]
+    header.append("status")
+    per_algo: Dict[str, List[List[Any]]] = {}
+    for job in sorted(jobs, key=lambda j: (str(j.get("pipeline.algo")), j.get("seed", 0), j.get("hardware.threads", 0))):
+        row: List[Any] = [job.get("pipeline.algo"), job.get("seed"), job.get("hardware.threads")]
+        for _, key in ROBUSTNESS_RATES:
+            before, after = job.metric(f"{key}_sft"), job.metric(f"{key}_final")
+            row += [before, after, after - before if before is not None and after is not None else None]
+        per_algo.setdefault(str(row[0]), []).append(row + [status_cell(job)])
+    out: List[List[Any]] = []
+    for algo, rows in per_algo.items():
+        out += rows
+        for name, agg in (("median", statistics.median), ("min", min)):
+            cells = []
+            for i in range(3, len(header) - 1):
+                vals = [r[i] for r in rows if r[-1] == "ok" and isinstance(r[i], float)]
+                cells.append(agg(vals) if vals else None)
+            out.append([algo, name, f"{sum(r[-1] == 'ok' for r in rows)} runs", *cells, ""])
+    return header, out
+
+
 TABLES: Dict[str, Optional[List[Column]]] = {
     "zero_offload": ZERO_OFFLOAD,
     "lora_rank": LORA_RANK,
     "dschat_e2e": None,  # a pivot (rows per setup), not one row per job
+    "robustness": None,  # rows per run plus median/min rows per algo
     "generic": None,  # columns depend on what was swept
 }
 
@@ -305,6 +340,8 @@ TABLES: Dict[str, Optional[List[Column]]] = {
 def table_rows(name: str, jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
     if name == "dschat_e2e":
         return dschat_e2e_rows(jobs)
+    if name == "robustness":
+        return robustness_rows(jobs)
     columns = TABLES.get(name) or generic_columns(jobs)
     return [h for h, _ in columns], [[fn(j) for _, fn in columns] for j in jobs]
 
@@ -361,6 +398,10 @@ def write_plot(path: Path, title: str, header: List[str], rows: List[List[Any]],
     if name == "dschat_e2e":
         panels = [("hours per step", [h for h in header if h.startswith("step")])]
         labels = [str(r[0]) for r in rows]
+    elif name == "robustness":
+        panels = [("sampled rule rate change (held-out)", ["sampled change"]),
+                  ("greedy rule rate change (held-out)", ["greedy change"])]
+        labels = [f"{r[0]} seed={r[1]} threads={r[2]}" if isinstance(r[1], int) else f"{r[0]} {r[1]}" for r in rows]
     else:
         wanted = ["s/sample", "GPU mem GB", "host mem GB", "objective", "trainable params"]
         present = [h for h in wanted if h in header and any(isinstance(r[header.index(h)], (int, float))
@@ -466,6 +507,10 @@ def collect(sweep_dir: str | Path, table: str = "auto", out_dir: str | Path | No
     expected = [p for p in sorted((Path(__file__).parent / "expected").glob(f"{sweep_name(sweep_dir) or name}.*"))]
     if expected:
         notes.append("Published numbers for comparison: " + ", ".join(f"sweeps/expected/{p.name}" for p in expected))
+    if name == "robustness":
+        notes[0] = (f"{len(jobs)} runs, {len(jobs) - len(failed)} ok. Held-out demo rule rates: before = the SFT "
+                    "model, after = the final model of the pipeline (pipeline.algo); greedy = one answer per prompt, "
+                    "sampled = data.heldout_samples answers per prompt at temperature 1.")
     if name == "dschat_e2e":
         notes.append("Each step's hours = its epoch size x epochs / its measured samples/s; "
                      "'not run' = a step the job did not run (pipeline.steps).")

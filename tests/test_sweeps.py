@@ -207,3 +207,31 @@ def test_optuna_search_writes_best_trial(tmp_path):
 def test_ppo_hparams_sweep(tmp_path):
     rows = multirun(tmp_path, "sweep=ppo_hparams", "ppo.kl_ctl=0.05,0.2", "ppo.cliprange=0.2", "ppo.max_steps=1")
     assert [r["ppo.kl_ctl"] for r in rows] == ["0.05", "0.2"] and all(r["status"] == "ok" for r in rows)
+
+
+def test_collect_robustness_rows_with_median_and_min(tmp_path):
+    def pipeline_cfg(algo, seed, threads):
+        return {**job_cfg(stage_name="pipeline"), "seed": seed, "pipeline": {"algo": algo, "steps": [1, 2, 3]},
+                "hardware": {"name": "cpu", "threads": threads}}
+
+    runs = [("ppo", 1, 1, 0.5, 0.75, 0.25, 0.5), ("ppo", 1, 2, 0.5, 0.5, 0.25, 0.375),
+            ("ppo", 2, 1, 0.75, 0.5, 0.25, 0.75)]
+    for i, (algo, seed, threads, g0, g1, s0, s1) in enumerate(runs):
+        summary = {"stage": "pipeline", "rule_rate_sft": g0, "rule_rate_final": g1,
+                   "rule_rate_sampled_sft": s0, "rule_rate_sampled_final": s1}
+        fake_job(tmp_path, i, [f"seed={seed}", f"hardware.threads={threads}", f"pipeline.algo={algo}"],
+                 pipeline_cfg(algo, seed, threads), summary)
+    fake_job(tmp_path, 3, ["seed=1", "hardware.threads=1", "pipeline.algo=dpo"], pipeline_cfg("dpo", 1, 1),
+             {"status": "failed", "error": "boom"})
+    collect(tmp_path, "robustness")
+    rows = read_csv(tmp_path / "table.csv")
+    assert [(r["algo"], r["seed"], r["threads"]) for r in rows] == [
+        ("dpo", "1", "1"), ("dpo", "median", "0 runs"), ("dpo", "min", "0 runs"),
+        ("ppo", "1", "1"), ("ppo", "1", "2"), ("ppo", "2", "1"), ("ppo", "median", "3 runs"), ("ppo", "min", "3 runs")]
+    assert rows[0]["status"] == "failed: boom" and rows[1]["sampled change"] == ""
+    # greedy changes +0.25, 0, -0.25; sampled changes +0.25, +0.125, +0.5
+    assert (rows[3]["greedy change"], rows[4]["sampled change"], rows[5]["greedy change"]) == ("0.25", "0.125", "-0.25")
+    assert (rows[6]["greedy change"], rows[6]["sampled change"], rows[6]["sampled after"]) == ("0", "0.25", "0.5")
+    assert (rows[7]["greedy change"], rows[7]["sampled change"], rows[7]["greedy before"]) == ("-0.25", "0.125", "0.5")
+    assert "| ppo | median | 3 runs |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "table.png").read_bytes()[:8] == PNG
