@@ -118,3 +118,7 @@ def _scenario():
     from rlhf.engine.memory import Scenario, Setting
 
     return Scenario(Setting(0), lora_rank=0, only_lora=False, offload_reference=False, critic_lora=False, machine=None)
+
+
+def always_fails(prompts, answers):
+    raise RuntimeError("checker is down")

@@ -132,3 +132,49 @@ def test_several_answers_per_prompt_with_group_baseline_and_periodic_eval(pipeli
     # held-out evals at the start, every 2 iterations, and the end (not twice at the last step)
     assert [r["step"] for r in rows if "eval/rule_rate" in r] == [0, 2, 4]
     assert all(0 <= r["eval/rule_rate_sampled"] <= 1 for r in rows if "eval/rule_rate" in r)
+
+
+@pytest.mark.slow
+def test_grpo_pipeline_step_builds_no_critic(pipeline_run, tmp_path):
+    """pipeline.algo=grpo: step 3 is the PPO stage with ppo.advantage=grpo, 4 answers to each of a
+    quarter of the prompts (same answers per rollout), the KL as a loss term, and no critic."""
+    run_dir, _ = pipeline_run
+    out = cli("pipeline.algo=grpo", "pipeline.steps=[3]", f"actor.path={run_dir / 'sft' / 'model'}",
+              f"critic.path={run_dir / 'rm' / 'model'}", "ppo.max_steps=3", f"run_dir={tmp_path}")
+    assert "| grpo | reward_mean |" in out.stdout
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["advantage"] == "grpo" and summary["critic_dir"] is None and summary["critic_loss"] is None
+    assert not (tmp_path / "grpo" / "critic").exists() and (tmp_path / "grpo" / "model" / "config.json").exists()
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/answers" in r]
+    assert [r["train/answers"] for r in train] == [32.0] * 3  # 8 prompts x 4 answers
+    assert all(r["train/kl_loss"] >= 0 and "train/critic_loss" not in r for r in train)
+
+
+@pytest.mark.slow
+def test_reward_function_alone_trains_without_reward_model(pipeline_run, tmp_path):
+    """reward.fn=rlhf.data.demo:reward (the task rule) and no reward model: RLOO over 4 answers per
+    prompt, no critic. Observed (seed 1234): see the assertion's comment."""
+    run_dir, _ = pipeline_run
+    cli("stage=ppo", f"actor.path={run_dir / 'sft' / 'model'}", "ppo.reward_model=false",
+        "reward.fn=rlhf.data.demo:reward", "ppo.advantage=rloo", "ppo.samples_per_prompt=4",
+        "ppo.generation_batch_size=8", "ppo.max_steps=RLOO_STEPS", f"run_dir={tmp_path}")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["critic_dir"] is None and summary["reward_fn"] == "rlhf.data.demo:reward"
+    assert not (tmp_path / "critic").exists()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    fn = [r["train/reward_fn"] for r in rows if "train/reward_fn" in r]
+    assert "train/reward_rm" not in rows[-1]
+    RLOO_ASSERTS
+
+
+@pytest.mark.slow
+def test_failing_reward_function_stops_the_run_naming_it_and_the_prompt(tmp_path):
+    out = subprocess.run([sys.executable, "run.py", "stage=ppo", "logger=none", "ppo.reward_model=false",
+                          "reward.fn=tests.test_rewards:always_fails", "ppo.advantage=grpo", "ppo.samples_per_prompt=2",
+                          "ppo.generation_batch_size=4", "ppo.train_batch_size=8", "ppo.max_answer_len=4",
+                          "data.heldout_prompts=2", "data.demo_size=200", f"run_dir={tmp_path}",
+                          f"cache_dir={shared_cache()}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "reward.fn=tests.test_rewards:always_fails failed on prompt 'Human: " in out.stderr
+    assert "RuntimeError: checker is down" in out.stderr
