@@ -216,14 +216,14 @@ def run_grpo(cfg, run_dir=None) -> Dict[str, Any]:
     """Step 3 as GRPO (``pipeline.algo=grpo``): this stage with ``ppo.advantage=grpo``. Left at
     the PPO default of one answer per prompt, ``ppo.samples_per_prompt`` becomes GRPO_GROUP and
     ``ppo.generation_batch_size`` is divided by it (the answers per rollout stay the same)."""
-    from omegaconf import OmegaConf
+    from omegaconf import read_write
 
     cfg = copy.deepcopy(cfg)
     c = cfg.ppo
     if c.advantage not in ("gae", "grpo"):
         raise ValueError(f"stage grpo runs ppo.advantage=grpo, got ppo.advantage={c.advantage}: for another "
                          "estimator use pipeline.algo=ppo (or stage=ppo) with ppo.advantage set")
-    with OmegaConf.read_write(cfg):
+    with read_write(cfg):
         c.advantage = "grpo"
         if c.samples_per_prompt == 1 and c.generation_batch_size % GRPO_GROUP == 0:
             c.samples_per_prompt, c.generation_batch_size = GRPO_GROUP, c.generation_batch_size // GRPO_GROUP
