@@ -91,10 +91,12 @@ def test_hardware_profile_sets_the_thread_count():
     from rlhf.engine.setup import set_threads
 
     cfg = compose_cfg("stage=ppo")
-    assert cfg.hardware.threads == 2 and compose_cfg("stage=ppo", "hardware=cpu2").hardware.threads == 1
+    assert cfg.hardware.threads == 1 and compose_cfg("stage=ppo", "hardware=cpu2").hardware.threads == 1
     before = torch.get_num_threads()
     try:
-        set_threads(compose_cfg("stage=ppo", "hardware.threads=1").hardware)
+        set_threads(compose_cfg("stage=ppo", "hardware.threads=2").hardware)
+        assert torch.get_num_threads() == 2
+        set_threads(cfg.hardware)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
