@@ -73,10 +73,12 @@ def test_dpo_raises_heldout_preference_accuracy(sft_dir, tmp_path):
     # before training the policy is the reference: the sigmoid loss is log 2, every reward 0
     (_, loss0), = metrics(tmp_path, "eval/loss_initial")
     assert loss0 == pytest.approx(math.log(2), abs=1e-6)
-    # the policy's own preference on held-out pairs, SFT vs DPO (observed 0.9875 -> 1.0: the SFT model
-    # already ranks the pairs; what DPO changes is how much mass its samples put on the chosen kind)
+    # the policy's own preference on held-out pairs, SFT vs DPO: the SFT model already ranks most pairs;
+    # what DPO changes is how much mass its samples put on the chosen kind. Observed on the 80 pairs: this
+    # test (seed 1234) 0.9875 -> 1.0 on one thread, 0.9375 on another machine; the pipeline at seeds 1, 2, 3
+    # 0.9875 -> 1.0, 0.825 -> 0.8375, 0.975 -> 0.9875 (DPO never lowered it; the level follows the SFT start)
     assert out["logp_accuracy"] >= out["logp_accuracy_initial"], out
-    assert out["logp_accuracy"] >= 0.95, out
+    assert out["logp_accuracy"] >= 0.9, out  # 3 pairs below the lowest seed-1234 value seen
     # the implicit reward beta * log(pi / pi_ref) ranks held-out pairs well above chance (observed 0.96)
     assert out["acc"] >= 0.8, out
     assert out["chosen_reward"] > out["rejected_reward"] and out["margin"] > 1.0
