@@ -423,6 +423,8 @@ def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
             if f"{role}.path" in keys:
                 _adopt_path(cfg[role], own(role))
                 cfg[role].key = role
+        if "critic.path" in keys and "family" not in own("reward"):
+            cfg.reward.family = "auto"  # the critic/reward checkpoint given says what it is
         used = STAGE_ROLES.get(stage, ("actor",))
         if stage == "pipeline" and cfg.pipeline.algo == "dpo":
             used = ("actor",)

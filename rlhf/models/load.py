@@ -119,8 +119,11 @@ def resolve_family(model_cfg: ModelConfig, path: str | Path) -> Family:
         config = _hub_config(str(path))
     if config is None:
         if declared == AUTO:
-            raise ValueError(f"{key}.path={str(path)!r}: no config.json could be read to tell the model family; "
-                             f"set {key}.family to one of: {', '.join(FAMILIES_NAMES())}")
+            raise ValueError(
+                f"{key}.path={str(path)!r}: no config.json to tell the model family: it is not a local model directory "
+                f"and the hub could not be reached (offline?) or has no such repo. Download it and point {key}.path "
+                f"at the directory, or for a random-weight shape set {key}.init=random with {key}.family (one of: "
+                f"{', '.join(FAMILIES_NAMES())}) and {key}.arch")
         family = get_family(declared, key)
     else:
         found = family_for_config(config)
