@@ -23,7 +23,9 @@ def resolve(cfg: DictConfig) -> DictConfig:
     from hydra.types import RunMode
 
     from rlhf.config import resolve_models
+    from rlhf.console import quiet_libraries
 
+    quiet_libraries(str(cfg.hardware.accelerator))
     hc = HydraConfig.get()
     resolve_models(cfg, list(hc.overrides.task), dict(hc.runtime.choices))
     out = Path(hc.runtime.output_dir)

@@ -271,6 +271,9 @@ def worker_main(config_path: str) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_path))
+    from rlhf.console import quiet_libraries
+
+    quiet_libraries(str(cfg.hardware.accelerator))
     try:
         return run_stage(cfg)
     except Exception as err:

@@ -33,13 +33,17 @@ def init_distributed(hardware: HardwareConfig) -> tuple[int, int]:
     """
     import deepspeed
 
+    from rlhf.console import op_build_notice, swallow_stdout
+
     if not dist.is_initialized():
+        op_build_notice()
         if "WORLD_SIZE" not in os.environ:
             # One inline process: an in-memory store, so no TCP port can collide with another run.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ["MASTER_PORT"] = str(hardware.master_port or free_port())
             dist.init_process_group(hardware.backend, store=dist.HashStore(), rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False)
+        with swallow_stdout():  # DeepSpeed prints a line each time it loads its shared-memory op
+            deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 

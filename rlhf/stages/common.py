@@ -88,6 +88,7 @@ def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
         metrics.update(describe_saved(metrics["model_dir"]))
     out = ctx.tracker.summary(metrics)
     ctx.tracker.close()
+    log.info("stage %s done in %.0f s: %s", ctx.cfg.stage.name, metrics["wall_time_s"], ctx.run_dir)
     barrier()
     return out
 
