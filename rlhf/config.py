@@ -438,3 +438,83 @@ def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
         primary = "reward" if used == ("reward",) else "actor"
         cfg.model = copy.deepcopy(cfg[primary])
     return cfg
+
+
+# ---------------------------------------------------------------- validation, once, in the parent
+
+# key -> the values it takes (registries are checked against the registry itself, below)
+CHOICES: Dict[str, tuple] = {
+    "model.init": ("pretrained", "random", "tiny"), "model.dtype": ("auto", "fp32", "fp16", "bf16"),
+    "actor.init": ("pretrained", "random", "tiny"), "reward.init": ("pretrained", "random", "tiny"),
+    "hardware.accelerator": ("cpu", "cuda"), "hardware.precision": ("fp32", "fp16", "bf16"),
+    "hardware.backend": ("gloo", "nccl"), "hardware.launcher": ("local", "deepspeed", "slurm"),
+    "zero.stage": (0, 1, 2, 3), "logger.mode": ("auto", "online", "offline", "disabled"),
+    "sft.scheduler": ("cosine", "linear", "constant"), "rm.scheduler": ("cosine", "linear", "constant"),
+    "dpo.scheduler": ("cosine", "linear", "constant"), "ppo.scheduler": ("cosine", "linear", "constant"),
+    "rm.loss_mode": ("divergent", "last"), "ppo.reward_baseline": ("none", "group"),
+    "ppo.hybrid_gather": ("once", "per_layer"), "pipeline.algo": ("ppo", "dpo"),
+}
+# keys that must be >= 1 / >= 0
+AT_LEAST_ONE = ("sft.epochs", "rm.epochs", "dpo.epochs", "ppo.epochs", "sft.grad_accum", "rm.grad_accum",
+                "dpo.grad_accum", "sft.micro_batch_size", "rm.micro_batch_size", "dpo.micro_batch_size",
+                "sft.max_seq_len", "rm.max_seq_len", "dpo.max_seq_len", "ppo.max_answer_len", "ppo.max_prompt_len",
+                "ppo.generation_batch_size", "ppo.train_batch_size", "ppo.samples_per_prompt", "ppo.ppo_epochs",
+                "ppo.generation_batches", "hardware.nodes", "hardware.procs_per_node")
+AT_LEAST_ZERO = ("sft.max_steps", "rm.max_steps", "dpo.max_steps", "ppo.max_steps", "checkpoint.every_n_steps",
+                 "checkpoint.every_minutes", "checkpoint.keep_last", "sft.warmup_steps", "rm.warmup_steps",
+                 "dpo.warmup_steps", "ppo.warmup_steps", "data.heldout_prompts", "data.heldout_samples")
+
+
+def _rules(cfg) -> List[str]:
+    """Cross-field rules, each a message naming the keys (empty when all hold)."""
+    errors = []
+    z, p = cfg.zero, cfg.ppo
+    if z.offload_param and int(z.stage) != 3:
+        errors.append("zero.offload_param=true needs zero.stage=3 (only ZeRO-3 offloads parameters)")
+    if z.offload_optimizer and int(z.stage) < 1:
+        errors.append("zero.offload_optimizer=true needs zero.stage >= 1")
+    if p.reward_baseline == "group" and p.samples_per_prompt < 2:
+        errors.append("ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2 (the baseline is the mean score "
+                      "of a prompt's other answers)")
+    rows = p.generation_batch_size * p.samples_per_prompt
+    if p.train_batch_size >= 1 and rows % p.train_batch_size:
+        errors.append(f"ppo.generation_batch_size={p.generation_batch_size} x ppo.samples_per_prompt="
+                      f"{p.samples_per_prompt} = {rows} answers per rollout is not a multiple of "
+                      f"ppo.train_batch_size={p.train_batch_size}: each rollout must split into whole mini-batches")
+    steps = list(cfg.pipeline.steps)
+    if not steps or any(s not in (1, 2, 3) for s in steps):
+        errors.append(f"pipeline.steps must be a non-empty subset of [1, 2, 3], got {steps}")
+    if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":
+        errors.append(f"hardware.backend={cfg.hardware.backend} needs GPUs; the CPU runs on gloo")
+    return errors
+
+
+def validate(cfg) -> None:
+    """Every choice, registry key and cross-field rule of a composed config, checked in the parent
+    before anything is loaded or launched. Raises one ValueError listing every problem, each naming
+    its key."""
+    from omegaconf import OmegaConf
+
+    errors = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            errors.append(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+    for key in AT_LEAST_ONE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            errors.append(f"{key}={value}: must be >= 1")
+    for key in AT_LEAST_ZERO:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 0:
+            errors.append(f"{key}={value}: must be >= 0")
+    from rlhf.algos.dpo import DPO_LOSSES
+    from rlhf.stages import STAGES
+
+    if cfg.stage.name not in STAGES:
+        errors.append(f"stage.name={cfg.stage.name!r}: not a stage; known: {', '.join(sorted(STAGES))}")
+    if cfg.dpo.loss not in DPO_LOSSES:
+        errors.append(f"dpo.loss={cfg.dpo.loss!r}: not a DPO loss; known: {', '.join(sorted(DPO_LOSSES))}")
+    errors += _rules(cfg)
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
