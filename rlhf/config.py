@@ -318,14 +318,6 @@ def quote_numeric_choices(overrides: List[str]) -> List[str]:
 
 ROLE_GROUPS = ("actor", "reward")  # per-role model groups; each follows `model` unless chosen or set
 
-# The model roles each stage reads ("model" is the stage's own model after resolve_models).
-# A role a stage does not read may not be chosen or set: the run stops naming the key that works.
-STAGE_ROLES: Dict[str, tuple] = {
-    "sft": ("actor",), "pretrain": ("actor",), "eval": ("actor",), "chat": ("actor",), "dpo": ("actor",),
-    "rm": ("reward",), "ppo": ("actor", "reward"), "plan": ("actor", "reward"), "pipeline": ("actor", "reward"),
-}
-
-
 def _norm(s: str) -> str:
     return "".join(ch for ch in str(s).lower() if ch.isalnum())
 
@@ -425,7 +417,9 @@ def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
                 cfg[role].key = role
         if "critic.path" in keys and "family" not in own("reward"):
             cfg.reward.family = "auto"  # the critic/reward checkpoint given says what it is
-        used = STAGE_ROLES.get(stage, ("actor",))
+        from rlhf.stages import STAGES
+
+        used = STAGES[stage].roles if stage in STAGES else ("actor",)
         if stage == "pipeline" and cfg.pipeline.algo == "dpo":
             used = ("actor",)
         for role in ROLE_GROUPS:

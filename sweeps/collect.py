@@ -42,7 +42,11 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 EPOCH_SIZE_KEYS = ("train_rows", "train_pairs", "prompts", "train_prompts")  # summary.json: samples per epoch
-STEP_OF_STAGE = {"sft": 1, "rm": 2, "ppo": 3, "dpo": 3}  # DeepSpeed-Chat step of each stage (dschat_e2e)
+def _step_of_stage() -> Dict[str, int]:
+    """DeepSpeed-Chat step of each training stage (dschat_e2e), from the stage registry."""
+    from rlhf.stages import STAGES
+
+    return {name: st.step for name, st in STAGES.items() if st.step is not None}
 
 
 # ---------------------------------------------------------------- jobs
@@ -150,10 +154,10 @@ def step_summaries(job: Job) -> Dict[int, Tuple[str, Optional[Dict[str, Any]]]]:
     """DeepSpeed-Chat step -> (stage, summary) of a job; a pipeline job holds one per step it ran."""
     steps = (job.summary or {}).get("steps")
     if isinstance(steps, dict):
-        return {STEP_OF_STAGE[name]: (name, sub) for name, sub in steps.items() if name in STEP_OF_STAGE}
+        return {_step_of_stage()[name]: (name, sub) for name, sub in steps.items() if name in _step_of_stage()}
     stage = str(job.get("stage.name"))
-    if stage in STEP_OF_STAGE:
-        return {STEP_OF_STAGE[stage]: (stage, job.summary)}
+    if stage in _step_of_stage():
+        return {_step_of_stage()[stage]: (stage, job.summary)}
     if stage == "pipeline":  # failed before any step reported: every step it was to run
         names = {1: "sft", 2: "rm", 3: str(job.get("pipeline.algo", "ppo"))}
         return {n: (names[n], None) for n in job.get("pipeline.steps", [1, 2, 3]) if n in names}
