@@ -66,7 +66,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=list)  # empty = the family's default
     only_optimize_lora: bool = False  # freeze everything but the adapters
-    lr: float = 5e-4  # learning rate of the adapter weights (DeepSpeed-Chat lora_learning_rate)
+    lr: Optional[float] = None  # adapter learning rate; None = the role's own (sft.lr, ppo.actor_lr, ...); DS-Chat 5e-4
 
 
 @dataclass
