@@ -1,32 +1,41 @@
-"""Memory planner: model states per GPU and per node for every ZeRO stage and offload choice.
+"""Memory planner: per GPU and per node, for every ZeRO stage and offload choice, what each step needs.
 
 Nothing is allocated: parameter counts come from ``model.params_b``, or from a meta-device build of
 ``model.arch`` (or of the tiny model's config), which also gives the largest layer (ZeRO-3 gathers
-one at a time) and the LoRA adapter size. Model states = weights, gradients, optimizer states;
-activations, the KV cache and fragmentation are what ``plan.memory_fraction`` leaves free.
+one at a time), the LoRA adapter size and the shape (width, depth, heads, vocabulary).
 
-Bytes per parameter, for P parameters on N GPUs in all (G per node, M nodes), w = 2 for 16-bit
-weights (fp16/bf16) or 4 for fp32, Adam, b = 1.5 (DeepSpeed's ``additional_buffer_factor``),
+Per GPU = the model states of every model of the step + the transient bytes of its busiest phase
+(phases run one after another): a model's training pass (activations, ``activation_bytes``), or step
+3's generation (KV cache + the hybrid engine's 16-bit replica of the actor, or per-layer gathering when
+the replica does not fit, as rlhf/engine/hybrid.py decides). ``plan.memory_fraction`` keeps the rest
+free for fragmentation and the CUDA context.
+
+Model-state bytes per parameter, for P parameters on N GPUs in all (G per node, M nodes), w = 2 for
+16-bit weights (fp16/bf16) or 4 for fp32, Adam, b = 1.5 (DeepSpeed's ``additional_buffer_factor``),
 L = parameters of the largest layer. Trained parameters (DeepSpeed keeps fp32 master weights 4,
 fp32 gradients 4 and Adam's two moments 8 = 16 bytes of optimizer-side state per parameter):
 
     ZeRO-0      GPU  2w + 16 (w = 2: 2 + 2 + 16 = 20)  |  fp32: 4 + 4 + 8 = 16 (no master copy)
     ZeRO-1      GPU  2w + 16/N                          (weights and gradients replicated)
     ZeRO-2      GPU  w + (w + 16)/N                     (w = 2: 2 + 18/N, DeepSpeed's estimator)
-      +offload  GPU  w;          host  max(4N, 16) * b  (optimizer and gradients on the CPU)
+      +offload  GPU  w;          host  16/M * b         (each rank offloads its 1/N partition)
     ZeRO-3      GPU  4L + (w + 16)/N                    (w = 2: 4L + 18/N)
-      +opt off  GPU  4L + w/N;   host  max(4G, 16/M) * b
-      +params   GPU  4L;         host  max(4G, (16 + w)/M) * b
-    without offload, host = 4G * b: every rank of a node first loads the full fp32 model.
+      +opt off  GPU  4L + w/N;   host  16/M * b
+      +params   GPU  4L;         host  (16 + w)/M * b
+      ZeRO++ hpZ                 GPU  + w/H             (a secondary weight partition within H ranks)
+    loading (transient, host): w * G per node (every rank materialises the model in the dtype it is
+    loaded in), w / M under ZeRO-3 with ``zero.zero_init`` (deepspeed.zero.Init builds it sharded).
 
-ZeRO-2/3 with 16-bit weights use DeepSpeed's own estimators
-(``deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`` and
-``stage3.estimate_zero3_model_states_mem_needs`` with ``zero_init=False``: our loaders build the full
-model in every rank before DeepSpeed partitions it); the table above is the same arithmetic,
-extended to ZeRO-0/1 and fp32. Frozen parameters (a LoRA base with ``only_optimize_lora``, step 3's
-reference and reward models) hold weights only: w per GPU, w/N under ZeRO-3 (+4L gather buffer),
-on the host when offloaded. Several models in one step stack on the GPU; on the host each model's
-load peak comes on top of what earlier models keep offloaded.
+ZeRO-2/3 GPU bytes with 16-bit weights are DeepSpeed's own estimators
+(``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``); its host figures
+are not used (they assume an fp32 copy per rank). Frozen parameters (a LoRA base with
+``only_optimize_lora``, step 3's reference and reward models) hold weights only: w per GPU, w/N under
+ZeRO-3 (+4L gather buffer), on the host when offloaded; MixZ++ (``zero_quantized_nontrainable_weights``)
+holds them in int8 (1 byte). Several models in one step stack on the GPU; on the host each model's load
+peak comes on top of what earlier models keep offloaded.
+
+DeepSpeed-Chat's published largest actors (one V100-32G: OPT-2.7B ... 64x A100-80G: OPT-175B) are
+reproduced by tests/test_plan_published.py and by ``python run.py sweep=largest_model``.
 """
 from __future__ import annotations
 
@@ -727,8 +736,9 @@ def format_plan(plan: Dict[str, Any]) -> str:
     where = (f"{hw['nodes']} node(s) x {hw['gpus_per_node']} GPU(s) of {hw['gpu_gb']:g} GB"
              if hw["on_gpu"] else f"{hw['nodes']} node(s) x {hw['gpus_per_node']} CPU rank(s)")
     lines = [f"Memory plan on {hw['name']}: {where}, {hw['host_gb']:g} GB host per node, "
-             f"{'16' if hw['weight_bytes'] == 2 else '32'}-bit weights. Model states only (weights, gradients, "
-             f"optimizer); usable: {frac:g} of each memory"
+             f"{'16' if hw['weight_bytes'] == 2 else '32'}-bit weights. Model states (weights, gradients, "
+             f"optimizer) plus the busiest phase (activations, KV cache, generation replica); usable: {frac:g} of "
+             "each memory"
              + (f" = {gpu_cap:.1f} GB per GPU, {host_cap:.1f} GB host." if hw["on_gpu"] else f" = {host_cap:.1f} GB host."),
              ""]
     for key, s in plan["models"].items():
@@ -749,7 +759,8 @@ def format_plan(plan: Dict[str, Any]) -> str:
     cur = plan["current"]
     lines += ["", f"Chosen: {cur['setting']} -> {'fits' if cur['fits'] else 'does NOT fit'}"]
     for st in cur["steps"]:
-        per = ", ".join(f"{k} {_gb(v['gpu_gb'])} GPU / {_gb(v['host_gb'])} host" if hw["on_gpu"]
+        per = ", ".join(f"{k} {_gb(v['gpu_gb'])} GPU (+{_gb(v.get('work_gb', 0))} working) / {_gb(v['host_gb'])} host"
+                        if hw["on_gpu"]
                         else f"{k} {_gb(v['host_gb'])} host" for k, v in st["models"].items())
         lines.append(f"  {st['title']}: " + " | ".join(cells(st)) + f" GB  ({per})")
     if not cur["fits"]:
