@@ -67,3 +67,21 @@ def test_llama2_70b_with_mixz_fits_the_published_setup():
     plain = make_plan(compose_cfg("stage=plan", "experiment=dschat/llama2-70b-mixz",
                                   "zero.zero_quantized_nontrainable_weights=false"))
     assert plain["current"]["steps"][-1]["gpu_gb"] > step3["gpu_gb"] + 5
+
+
+def test_largest_model_table_is_a_pivot_of_plan_jobs(tmp_path):
+    """sweep=largest_model runs one stage=plan job per hardware x model; the table keeps, per hardware, the
+    largest actor that fits without parameter offload (what `python run.py sweep=largest_model` prints)."""
+    from sweeps.collect import Job, largest_model_rows
+
+    def job(i, hw, model, params, fitting):
+        rows = [{"setting": s, "fits": s in fitting} for s in ("zero=0", "zero=2-offload", "zero=3-offload")]
+        cfg = {"hardware": {"name": hw, "nodes": 1, "procs_per_node": 1, "gpu_memory_gb": 32},
+               "actor": {"name": model}, "stage": {"name": "plan"}}
+        return Job(tmp_path / str(i), i, [], cfg, {"rows": rows, "models": {"actor": {"params": params}}})
+
+    jobs = [job(0, "v100-32g", "opt-1.3b", 1.3e9, {"zero=0", "zero=2-offload"}),
+            job(1, "v100-32g", "opt-2.7b", 2.7e9, {"zero=2-offload"}),
+            job(2, "v100-32g", "opt-6.7b", 6.7e9, {"zero=3-offload"})]  # parameter offload does not count
+    header, rows = largest_model_rows(jobs)
+    assert rows == [["v100-32g", 1, 32, "opt-2.7b", 2.7, "zero=2-offload", "opt-6.7b"]]

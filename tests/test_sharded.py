@@ -17,7 +17,8 @@ from tests.conftest import ROOT, compose_cfg, shared_cache
 
 def two_ranks(mode: str, tmp_path):
     out = tmp_path / f"{mode}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # big tensors from mmap: freed memory goes back to the OS, so RSS shows what a rank really keeps
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          str(ROOT / "tests" / "dist_sharded.py"), mode, str(out), str(shared_cache())],
