@@ -52,6 +52,19 @@ def rss(sharded: bool, hw, zero, path) -> dict:
             "params": full}
 
 
+def train_steps(model, zero, hw, n: int) -> list:
+    """``n`` optimizer steps of a ZeRO engine on a fixed batch; the losses."""
+    engine = build_train_engine(model, [{"params": list(model.parameters())}], SPEC, zero, hw, dist.get_world_size())
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(n):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
 def pretrained(path, hw, zero) -> dict:
     from safetensors.torch import load_file
 
@@ -65,22 +78,12 @@ def pretrained(path, hw, zero) -> dict:
     with gathered(model.parameters()):
         equal = all(torch.equal(p.detach().cpu(), files[n]) for n, p in model.named_parameters() if n in files)
         checked = sum(1 for n, _ in model.named_parameters() if n in files)
-    engine = build_train_engine(model, [{"params": [p for p in model.parameters()]}], SPEC, zero, hw,
-                                dist.get_world_size())
-    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(3):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss))
-    return {"sharded": sharded, "weights_equal": equal, "checked": checked, "losses": losses}
+    return {"sharded": sharded, "weights_equal": equal, "checked": checked, "losses": train_steps(model, zero, hw, 3)}
 
 
 def zeropp(path, hw) -> dict:
     out = {}
     cfg = ModelConfig(name="tiny-opt", family="opt", path=path, init="pretrained")
-    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     for name, changes in [("hpz", dict(zero_hpz_partition_size=2)), ("quantized_weights", dict(zero_quantized_weights=True)),
                           ("quantized_gradients", dict(zero_quantized_gradients=True)),
                           ("quantized_nontrainable", dict(zero_quantized_nontrainable_weights=True))]:
@@ -88,15 +91,7 @@ def zeropp(path, hw) -> dict:
         try:
             with sharded_loading(zero, hw, dist.get_world_size()):
                 model = load_causal_lm(cfg, path)
-            engine = build_train_engine(model, [{"params": list(model.parameters())}], SPEC, zero, hw,
-                                        dist.get_world_size())
-            losses = []
-            for _ in range(2):
-                loss = engine(input_ids=ids, labels=ids).loss
-                engine.backward(loss)
-                engine.step()
-                losses.append(float(loss))
-            out[name] = {"ok": True, "losses": losses}
+            out[name] = {"ok": True, "losses": train_steps(model, zero, hw, 2)}
         except Exception as err:  # what DeepSpeed cannot do on CPU ranks, reported by the test
             out[name] = {"ok": False, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"}
         dist.barrier()

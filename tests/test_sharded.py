@@ -74,8 +74,9 @@ def test_sharded_loading_on_two_ranks(tmp_path):
     sharded = two_ranks("rss-sharded", tmp_path)
     for p, s in zip(plain, sharded):
         assert p["local_fraction"] == 1.0 and s["local_fraction"] == pytest.approx(0.5, abs=0.01)
-        # what a rank keeps after building OPT-125M (fp32, 0.5 GB): its half, plus DeepSpeed's bookkeeping
-        assert s["kept_rss_rise_mb"] < 0.75 * p["kept_rss_rise_mb"], (p, s)
+        # what a rank keeps after building OPT-125M (fp32, 0.5 GB): half (measured 241 vs 478 MB). The peak
+        # while building is not lower on CPU (613 vs 623 MB): reported, not asserted
+        assert s["kept_rss_rise_mb"] < 0.6 * p["kept_rss_rise_mb"], (p, s)
         print(f"peak RSS rise plain {p['peak_rss_rise_mb']:.0f} MB, sharded {s['peak_rss_rise_mb']:.0f} MB; "
               f"kept plain {p['kept_rss_rise_mb']:.0f} MB, sharded {s['kept_rss_rise_mb']:.0f} MB")
     # from_pretrained into shards: the gathered weights are the checkpoint's, bit for bit; a ZeRO-3 engine trains

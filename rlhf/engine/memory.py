@@ -696,7 +696,9 @@ def _describe(cfg) -> str:
     setting = Setting(int(z.stage), bool(z.offload_optimizer), bool(z.offload_param)).override
     lora = f"lora rank {cfg.lora.rank}{' (adapters only)' if cfg.lora.only_optimize_lora else ''}" \
         if cfg.lora.rank else "no LoRA"
-    return f"{setting}, {lora}"
+    zpp = zero_pp(z)
+    extras = [f"hpZ {zpp.hpz}"] * (zpp.hpz > 1) + ["MixZ++ int8 frozen weights"] * zpp.quantized_frozen
+    return f"{setting}{' (' + ', '.join(extras) + ')' if extras else ''}, {lora}"
 
 
 def make_plan(cfg) -> Dict[str, Any]:
