@@ -160,8 +160,9 @@ def test_check_fits_covers_every_step_of_a_pipeline():
     # DeepSpeed-Chat's setting: a 350M reward model (its preset)
     check_fits(compose_cfg("experiment=dschat/opt-13b-dgx8"))
     # SFT -> DPO has no reward model: policy + frozen reference
-    check_fits(compose_cfg("experiment=dschat/opt-13b-dgx8", "pipeline.algo=dpo", "dpo.micro_batch_size=2",
-                           "dpo.gradient_checkpointing=true"))
+    check_fits(compose_cfg("stage=pipeline", "pipeline.algo=dpo", "model=opt-13b", "hardware=dgx8", "zero=3",
+                           "lora=r128", "sft.micro_batch_size=4", "sft.gradient_checkpointing=true",
+                           "dpo.micro_batch_size=2", "dpo.gradient_checkpointing=true"))
 
 
 def test_a_model_of_unknown_size_is_not_blocked():
