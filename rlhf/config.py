@@ -56,6 +56,13 @@ class ZeroConfig:
     stage3_max_live_parameters: int = 1_000_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 10_000
+    zero_init: bool = True  # stage 3: build models already sharded (deepspeed.zero.Init): no rank holds a whole model
+    # ZeRO++ (stage 3): int8 weight all-gathers (qwZ), a secondary weight partition within this many ranks
+    # (hpZ, 1 = off; usually the GPUs of a node), int8 gradient reduce-scatter (qgZ)
+    zero_quantized_weights: bool = False
+    zero_hpz_partition_size: int = 1
+    zero_quantized_gradients: bool = False
+    zero_quantized_nontrainable_weights: bool = False  # MixZ++: frozen (non-LoRA) weights held and gathered in int8
 
 
 @dataclass
@@ -194,6 +201,7 @@ class PPOConfig:
     actor_lora: bool = True  # apply lora.* to the actor
     critic_lora: bool = False
     hybrid_gather: str = "once"  # once | per_layer
+    allow_untrained_critic: bool = False  # accept a critic/reward dir without a trained value head (real models)
     eval_every: int = 0
     log_every: int = 1
 
@@ -260,8 +268,9 @@ class LaunchConfig:
 class PlanConfig:
     """The memory planner (rlhf/engine/memory.py): stage=plan and the check every stage runs."""
 
-    memory_fraction: float = 0.9  # share of GPU/host memory model states may use (rest: activations)
+    memory_fraction: float = 0.9  # share of GPU/host memory the estimate may use (rest: fragmentation, CUDA context)
     check: bool = True  # training stages stop at start when the setting cannot fit
+    stage: Optional[str] = None  # stage=plan: plan this stage's steps (sft | rm | ppo | dpo | pipeline); null = steps 1-3
 
 
 @dataclass

@@ -19,8 +19,9 @@ GROUPS = ["model", "stage", "hardware", "zero", "lora", "data", "logger", "debug
 
 
 def options(group: str) -> list[str]:
+    """Every option of a group, including those in subfolders (experiment=dschat/opt-13b-dgx8)."""
     d = CONF / group
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.exists() else []
+    return sorted(p.relative_to(d).with_suffix("").as_posix() for p in d.rglob("*.yaml")) if d.exists() else []
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -31,6 +32,21 @@ def test_every_group_option_composes(group, option):
         assert cfg[group].name == option
     if group == "stage":
         assert cfg.stage.name == option
+
+
+def test_experiment_presets_override_groups_and_globals():
+    cfg = compose_cfg("experiment=dschat/opt-1.3b-a6000")
+    assert (cfg.actor.name, cfg.reward.name, cfg.hardware.name, cfg.lora.rank) == ("opt-1.3b", "opt-350m", "a6000", 128)
+    assert cfg.lora.only_optimize_lora and cfg.sft.grad_accum == 8 and cfg.stage.name == "pipeline"
+    cfg = compose_cfg("experiment=dschat/opt-13b-dgx8")
+    assert (cfg.actor.name, cfg.reward.name, cfg.zero.stage, cfg.data.name) == ("opt-13b", "opt-350m", 3, "blend-dschat")
+    assert len(cfg.data.sources) == 6
+    mixz = compose_cfg("experiment=dschat/llama2-70b-mixz").zero
+    assert mixz.zero_quantized_nontrainable_weights and mixz.zero_hpz_partition_size == 8
+    # _self_ comes first in config.yaml: a preset's global (here a group file's) beats the file's own default
+    assert compose_cfg("seed=7").seed == 7
+    # the command line still wins over a preset
+    assert compose_cfg("experiment=dschat/opt-13b-dgx8", "reward=opt-1.3b").reward.name == "opt-1.3b"
 
 
 def test_zero_options_map_to_stage_and_offload():

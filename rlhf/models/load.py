@@ -249,14 +249,18 @@ def effective_init(model_cfg: ModelConfig, path: str | Path) -> str:
 def _load(auto_cls, model_cfg: ModelConfig, path: str, dtype: torch.dtype, disable_dropout: bool, init: str | None):
     init = init or effective_init(model_cfg, path)
     config = load_config(model_cfg, path, disable_dropout=disable_dropout, init=init)
+    from rlhf.engine.setup import zero3_construction  # ZeRO-3: built already sharded (sharded_loading)
+
     if init == "random":
-        model = auto_cls.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+        with zero3_construction():
+            model = auto_cls.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     else:
         kwargs = {} if model_cfg.allow_pickle else {"use_safetensors": True}
         try:
-            model = auto_cls.from_pretrained(
-                path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **kwargs
-            )
+            with zero3_construction():
+                model = auto_cls.from_pretrained(
+                    path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+                )
         except OSError as e:
             if model_cfg.allow_pickle or "safetensors" not in str(e):
                 raise

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.engine.checkpoint import Checkpointer, resolve_resume
-from rlhf.engine.setup import (OptimSpec, barrier, device_for, dtype_for, gathered, init_distributed,
-                               seed_everything)
+from rlhf.engine.setup import (OptimSpec, barrier, clear_sharded_loading, device_for, dtype_for, gathered,
+                               init_distributed, seed_everything, set_sharded_loading)
 from rlhf.models.families import Family
 from rlhf.tracking import Tracker
 
@@ -50,6 +50,9 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
 
     check_fits(cfg)  # before anything is allocated: stop with the smallest change that fits
     rank, world = init_distributed(cfg.hardware)
+    # ZeRO-3: models are built already sharded (deepspeed.zero.Init) when every engine of the stage is ZeRO-3
+    set_sharded_loading(cfg.zero, cfg.hardware, world,
+                        (cfg.ppo.actor_zero, cfg.ppo.critic_zero) if name == "ppo" else ())
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir or cfg.run_dir)
     cache_dir = Path(cfg.cache_dir)
@@ -88,6 +91,7 @@ def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
         metrics.update(describe_saved(metrics["model_dir"]))
     out = ctx.tracker.summary(metrics)
     ctx.tracker.close()
+    clear_sharded_loading()
     log.info("stage %s done in %.0f s: %s", ctx.cfg.stage.name, metrics["wall_time_s"], ctx.run_dir)
     barrier()
     return out
