@@ -141,12 +141,18 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class RMConfig(TrainConfig):
+    lr: float = 5e-5  # DeepSpeed-Chat step 2
+    weight_decay: float = 0.1  # DeepSpeed-Chat's OPT-350m reward recipe
+    disable_dropout: bool = True  # reward models train without dropout
     init_from: Optional[str] = None  # start from an HF directory (e.g. a step-1 output)
     loss_mode: str = "divergent"  # divergent (DeepSpeed-Chat) | last (final score only)
 
 
 @dataclass
 class DPOConfig(TrainConfig):
+    lr: float = 1e-6  # small: the policy starts from a good SFT model
+    micro_batch_size: int = 8  # pairs per rank and step
+    disable_dropout: bool = True  # deterministic log-probs for policy and reference
     init_from: Optional[str] = None  # start from this HF directory instead of actor.path
     beta: float = 0.1  # implicit reward scale: beta * (logp - logp_ref)
     loss: str = "sigmoid"  # key of rlhf.algos.dpo.DPO_LOSSES
@@ -295,6 +301,7 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 1234
+    anomaly: bool = False  # torch autograd anomaly detection: names the op that made a NaN/inf (slow; debug=anomaly)
     resume: Optional[str] = None  # auto | <checkpoint path>
     run_dir: str = ""  # "" = Hydra's output dir for this job
     cache_dir: str = ""  # tiny models, demo data, tokenised data; "" = <project>/.cache

@@ -140,3 +140,36 @@ def test_cli_typo_fails_naming_key():
                          text=True, timeout=120)
     assert out.returncode != 0
     assert "sft.epochs_" in out.stderr
+
+
+def test_stage_yaml_and_schema_defaults_agree():
+    """One source of each default: what a stage file documents is what the schema holds, so a
+    component built from the schema alone (tests, sweeps) and a composed run agree."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from rlhf.config import Config
+
+    schema = OmegaConf.structured(Config)
+    checked = 0
+    for f in sorted((CONF / "stage").glob("*.yaml")):
+        for section, values in (yaml.safe_load(f.read_text()) or {}).items():
+            if section in ("defaults", "stage") or not isinstance(values, dict):
+                continue
+            for key, value in values.items():
+                assert OmegaConf.select(schema, f"{section}.{key}") == value, (f.name, f"{section}.{key}")
+                checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("group", ["debug", "experiment"])
+def test_every_preset_changes_the_default(group):
+    """A preset that composes to exactly the default config does nothing (debug=anomaly once did)."""
+    from tests.conftest import compose_cfg
+
+    default = OmegaConf.to_container(compose_cfg(), resolve=True)
+    options = sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in (CONF / group).rglob("*.yaml"))
+    assert options
+    for option in options:
+        cfg = OmegaConf.to_container(compose_cfg(f"{group}={option}"), resolve=True)
+        assert cfg != default, f"{group}={option} changes nothing"

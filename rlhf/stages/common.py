@@ -54,6 +54,9 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
     set_sharded_loading(cfg.zero, cfg.hardware, world,
                         (cfg.ppo.actor_zero, cfg.ppo.critic_zero) if name == "ppo" else ())
     seed_everything(int(cfg.seed))
+    if cfg.anomaly:  # debug=anomaly: the backward op that produced a NaN/inf raises, named
+        torch.autograd.set_detect_anomaly(True, check_nan=True)
+        log.warning("autograd anomaly detection is on (debug=anomaly): slow, for finding a NaN's source")
     run_dir = Path(run_dir or cfg.run_dir)
     cache_dir = Path(cfg.cache_dir)
     resume_from = resolve_resume(cfg.resume, run_dir)
