@@ -16,8 +16,8 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # short name shown in tables, e.g. "opt-1.3b"
-    family: str = MISSING  # key of rlhf.models.families.FAMILIES
+    name: str = MISSING  # short name shown in tables and run dirs, e.g. "opt-1.3b" (from the path when path is set)
+    family: str = "auto"  # auto = from the checkpoint's model_type | a key of rlhf.models.families.FAMILIES
     path: str = MISSING  # hub id, local HF directory, or a tiny spec name ("tiny-opt")
     init: str = "pretrained"  # pretrained | random (real shape, no weights) | tiny (built offline)
     dtype: str = "auto"  # auto (hardware precision) | fp32 | fp16 | bf16
@@ -25,6 +25,7 @@ class ModelConfig:
     allow_pickle: bool = False  # explicit opt-in to load .bin/.pt pickle weights
     arch: Dict[str, Any] = field(default_factory=dict)  # HF config kwargs (random init, planner)
     params_b: float = 0.0  # parameter count in billions (planner), 0 = derive from arch
+    key: str = "model"  # set by resolve_models: the config key errors name (model | actor | reward)
     fn: Optional[str] = None  # reward role: <module>:<function> scoring (prompts, answers) in step 3 (rlhf/rewards.py)
     fn_weight: float = 1.0  # reward role: factor on fn's scores, added to the reward model's (ppo.reward_model)
 
@@ -58,6 +59,13 @@ class ZeroConfig:
     stage3_max_live_parameters: int = 1_000_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 10_000
+    zero_init: bool = True  # stage 3: build models already sharded (deepspeed.zero.Init): no rank holds a whole model
+    # ZeRO++ (stage 3): int8 weight all-gathers (qwZ), a secondary weight partition within this many ranks
+    # (hpZ, 1 = off; usually the GPUs of a node), int8 gradient reduce-scatter (qgZ)
+    zero_quantized_weights: bool = False
+    zero_hpz_partition_size: int = 1
+    zero_quantized_gradients: bool = False
+    zero_quantized_nontrainable_weights: bool = False  # MixZ++: frozen (non-LoRA) weights held and gathered in int8
 
 
 @dataclass
@@ -68,7 +76,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=list)  # empty = the family's default
     only_optimize_lora: bool = False  # freeze everything but the adapters
-    lr: float = 5e-4  # learning rate of the adapter weights (DeepSpeed-Chat lora_learning_rate)
+    lr: Optional[float] = None  # adapter learning rate; None = the role's own (sft.lr, ppo.actor_lr, ...); DS-Chat 5e-4
 
 
 @dataclass
@@ -136,12 +144,18 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class RMConfig(TrainConfig):
+    lr: float = 5e-5  # DeepSpeed-Chat step 2
+    weight_decay: float = 0.1  # DeepSpeed-Chat's OPT-350m reward recipe
+    disable_dropout: bool = True  # reward models train without dropout
     init_from: Optional[str] = None  # start from an HF directory (e.g. a step-1 output)
     loss_mode: str = "divergent"  # divergent (DeepSpeed-Chat) | last (final score only)
 
 
 @dataclass
 class DPOConfig(TrainConfig):
+    lr: float = 1e-6  # small: the policy starts from a good SFT model
+    micro_batch_size: int = 8  # pairs per rank and step
+    disable_dropout: bool = True  # deterministic log-probs for policy and reference
     init_from: Optional[str] = None  # start from this HF directory instead of actor.path
     beta: float = 0.1  # implicit reward scale: beta * (logp - logp_ref)
     loss: str = "sigmoid"  # key of rlhf.algos.dpo.DPO_LOSSES
@@ -198,6 +212,7 @@ class PPOConfig:
     actor_lora: bool = True  # apply lora.* to the actor
     critic_lora: bool = False
     hybrid_gather: str = "once"  # once | per_layer
+    allow_untrained_critic: bool = False  # accept a critic/reward dir without a trained value head (real models)
     eval_every: int = 0
     log_every: int = 1
 
@@ -215,12 +230,16 @@ class PipelineConfig:
 
 @dataclass
 class ChatConfig:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 0.8
-    top_k: int = 10
+    """Generation settings of stage=chat; None = the model family's own default (Pangu/GLM/ChatGLM:
+    the Chinese toolkit's max_new_tokens 100, top_k 10, temperature 0.8, sampling), else the value
+    in the comment."""
+
+    max_new_tokens: Optional[int] = None  # 256
+    do_sample: Optional[bool] = None  # false (greedy)
+    temperature: Optional[float] = None  # 0.8
+    top_k: Optional[int] = None  # 10
     top_p: float = 1.0
-    max_history_tokens: int = 1024  # older turns are dropped beyond this
+    max_history_tokens: int = 1024  # older turns are dropped beyond this (and beyond the model's context)
 
 
 @dataclass
@@ -260,8 +279,9 @@ class LaunchConfig:
 class PlanConfig:
     """The memory planner (rlhf/engine/memory.py): stage=plan and the check every stage runs."""
 
-    memory_fraction: float = 0.9  # share of GPU/host memory model states may use (rest: activations)
+    memory_fraction: float = 0.9  # share of GPU/host memory the estimate may use (rest: fragmentation, CUDA context)
     check: bool = True  # training stages stop at start when the setting cannot fit
+    stage: Optional[str] = None  # stage=plan: plan this stage's steps (sft | rm | ppo | dpo | pipeline); null = steps 1-3
 
 
 @dataclass
@@ -286,6 +306,7 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 1234
+    anomaly: bool = False  # torch autograd anomaly detection: names the op that made a NaN/inf (slow; debug=anomaly)
     resume: Optional[str] = None  # auto | <checkpoint path>
     run_dir: str = ""  # "" = Hydra's output dir for this job
     cache_dir: str = ""  # tiny models, demo data, tokenised data; "" = <project>/.cache
@@ -312,3 +333,207 @@ def quote_numeric_choices(overrides: List[str]) -> List[str]:
                 arg = f"{key}=" + ",".join(f"'{c}'" for c in choices)
         out.append(arg)
     return out
+
+
+# ---------------------------------------------------------------- which model each stage trains
+
+ROLE_GROUPS = ("actor", "reward")  # per-role model groups; each follows `model` unless chosen or set
+
+def _norm(s: str) -> str:
+    return "".join(ch for ch in str(s).lower() if ch.isalnum())
+
+
+def model_label(path: str, name: str = "") -> str:
+    """The name a model goes by in run directories, tables and summaries: ``name`` when ``path`` is
+    that model (a tiny spec, or a hub id / directory whose name contains it), else from the path:
+    the hub id's repo name or the directory's most telling part (not ``model``, a step name or a
+    timestamp)."""
+    from pathlib import Path
+
+    path = str(path)
+    if name and _norm(name) and _norm(name) in _norm(path):
+        return name
+    parts = [p for p in Path(path).expanduser().parts if p not in ("/", ".", "..")]
+    generic = {"model", "critic", "ema", "sft", "rm", "ppo", "dpo", "pretrain", "checkpoint", "final", "hf"}
+    for part in reversed(parts):
+        if part.lower() not in generic and not part[:1].isdigit() and not part.startswith("step-"):
+            return part
+    return parts[-1] if parts else (name or "model")
+
+
+def _override_keys(overrides: List[str]) -> Dict[str, str]:
+    """{key: raw value} of command-line overrides (``model.path=x``, ``+a.b=c``, ``actor=opt-1.3b``)."""
+    out = {}
+    for arg in overrides:
+        key, sep, value = str(arg).partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def _adopt_path(node, own: set) -> None:
+    """A model whose path was set: its family, name, shape and init come from that checkpoint,
+    except the keys the user set for it too (``own``)."""
+    from rlhf.models.tiny import TINY_SPECS
+
+    path = str(node.path)
+    if "init" not in own and node.init == "tiny" and path not in TINY_SPECS:
+        node.init = "pretrained"
+    if "family" not in own and not (node.init == "tiny" and path in TINY_SPECS):
+        node.family = "auto"
+    if "name" not in own:
+        node.name = model_label(path, str(node.name))
+    if "params_b" not in own:
+        node.params_b = 0.0
+    if "dtype" not in own:
+        node.dtype = "auto"
+    if "arch" not in own and not any(k.startswith("arch.") for k in own):
+        node.arch = {}
+
+
+def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
+    """One rule for which model every stage trains (in place; returns ``cfg``):
+
+    - ``model=<name>`` or ``model.path=<dir|hub id>`` sets the actor and the reward/critic model;
+      ``actor=...``/``reward=...`` (a group choice) or ``actor.*``/``reward.*`` keys override per role.
+    - a set ``<key>.path`` makes that model the checkpoint's: family ``auto`` (from its
+      ``model_type``), name from the path, no preset shape (``init=tiny`` becomes ``pretrained``).
+    - a role the stage does not read (``reward=`` for ``stage=sft``, ``critic.path`` outside step 3)
+      stops the run, naming the key that works.
+    - ``cfg.model`` becomes the stage's own model: the actor (sft, dpo, ppo, chat, pretrain, eval,
+      pipeline) or the reward model (rm); ``<model>.key`` records the key the user gave it under.
+    """
+    import copy
+
+    from omegaconf import OmegaConf, open_dict
+
+    keys = _override_keys(overrides)
+    choices = {k: v for k, v in (choices or {}).items()}
+    stage = str(cfg.stage.name)
+
+    def own(role: str) -> set:
+        return {k.split(".", 1)[1] for k in keys if k.startswith(role + ".") and "." in k}
+
+    def set_by_user(role: str) -> bool:
+        chosen = choices.get(role) not in (None, choices.get("model"))
+        return chosen or bool(own(role))
+
+    with open_dict(cfg):
+        cfg.model.key = "model"
+        if "model.path" in keys:
+            _adopt_path(cfg.model, own("model"))
+        for role in ROLE_GROUPS:
+            node = cfg[role]
+            if choices.get(role) in (None, choices.get("model")):  # follows `model`
+                mine = {k: OmegaConf.select(node, k) for k in own(role) if OmegaConf.select(node, k) is not None}
+                node = copy.deepcopy(cfg.model)
+                for k, v in mine.items():
+                    OmegaConf.update(node, k, v, merge=False)
+                node.key = role if mine else "model"
+                cfg[role] = node
+            else:
+                cfg[role].key = role
+            if f"{role}.path" in keys:
+                _adopt_path(cfg[role], own(role))
+                cfg[role].key = role
+        if "critic.path" in keys and "family" not in own("reward"):
+            cfg.reward.family = "auto"  # the critic/reward checkpoint given says what it is
+        from rlhf.stages import STAGES
+
+        used = STAGES[stage].roles if stage in STAGES else ("actor",)
+        if stage == "pipeline" and cfg.pipeline.algo == "dpo":
+            used = ("actor",)
+        for role in ROLE_GROUPS:
+            if role not in used and set_by_user(role):
+                works = "model= / model.path=" + (f" (or {used[0]}=...)" if used else "")
+                raise ValueError(f"stage={stage} does not use `{role}` ({role}= / {role}.*): it trains "
+                                 f"{'the reward model' if used == ('reward',) else 'the actor'}; set {works}")
+        if "critic.path" in keys and stage not in ("ppo", "pipeline", "plan"):
+            raise ValueError(f"critic.path is read by stage=ppo (and the pipeline's step 3), not by stage={stage}")
+        primary = "reward" if used == ("reward",) else "actor"
+        cfg.model = copy.deepcopy(cfg[primary])
+    return cfg
+
+
+# ---------------------------------------------------------------- validation, once, in the parent
+
+# key -> the values it takes (registries are checked against the registry itself, below)
+CHOICES: Dict[str, tuple] = {
+    "model.init": ("pretrained", "random", "tiny"), "model.dtype": ("auto", "fp32", "fp16", "bf16"),
+    "actor.init": ("pretrained", "random", "tiny"), "reward.init": ("pretrained", "random", "tiny"),
+    "hardware.accelerator": ("cpu", "cuda"), "hardware.precision": ("fp32", "fp16", "bf16"),
+    "hardware.backend": ("gloo", "nccl"), "hardware.launcher": ("local", "deepspeed", "slurm"),
+    "zero.stage": (0, 1, 2, 3), "logger.mode": ("auto", "online", "offline", "disabled"),
+    "sft.scheduler": ("cosine", "linear", "constant"), "rm.scheduler": ("cosine", "linear", "constant"),
+    "dpo.scheduler": ("cosine", "linear", "constant"), "ppo.scheduler": ("cosine", "linear", "constant"),
+    "rm.loss_mode": ("divergent", "last"), "ppo.reward_baseline": ("none", "group"),
+    "ppo.hybrid_gather": ("once", "per_layer"), "pipeline.algo": ("ppo", "dpo", "grpo"),
+}
+# keys that must be >= 1 / >= 0
+AT_LEAST_ONE = ("sft.epochs", "rm.epochs", "dpo.epochs", "ppo.epochs", "sft.grad_accum", "rm.grad_accum",
+                "dpo.grad_accum", "sft.micro_batch_size", "rm.micro_batch_size", "dpo.micro_batch_size",
+                "sft.max_seq_len", "rm.max_seq_len", "dpo.max_seq_len", "ppo.max_answer_len", "ppo.max_prompt_len",
+                "ppo.generation_batch_size", "ppo.train_batch_size", "ppo.samples_per_prompt", "ppo.ppo_epochs",
+                "ppo.generation_batches", "hardware.nodes", "hardware.procs_per_node")
+AT_LEAST_ZERO = ("sft.max_steps", "rm.max_steps", "dpo.max_steps", "ppo.max_steps", "checkpoint.every_n_steps",
+                 "checkpoint.every_minutes", "checkpoint.keep_last", "sft.warmup_steps", "rm.warmup_steps",
+                 "dpo.warmup_steps", "ppo.warmup_steps", "data.heldout_prompts", "data.heldout_samples")
+
+
+def _rules(cfg) -> List[str]:
+    """Cross-field rules, each a message naming the keys (empty when all hold)."""
+    errors = []
+    z, p = cfg.zero, cfg.ppo
+    if z.offload_param and int(z.stage) != 3:
+        errors.append("zero.offload_param=true needs zero.stage=3 (only ZeRO-3 offloads parameters)")
+    if z.offload_optimizer and int(z.stage) < 1:
+        errors.append("zero.offload_optimizer=true needs zero.stage >= 1")
+    if p.reward_baseline == "group" and p.samples_per_prompt < 2:
+        errors.append("ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2 (the baseline is the mean score "
+                      "of a prompt's other answers)")
+    rows = p.generation_batch_size * p.samples_per_prompt
+    if p.train_batch_size >= 1 and rows % p.train_batch_size:
+        errors.append(f"ppo.generation_batch_size={p.generation_batch_size} x ppo.samples_per_prompt="
+                      f"{p.samples_per_prompt} = {rows} answers per rollout is not a multiple of "
+                      f"ppo.train_batch_size={p.train_batch_size}: each rollout must split into whole mini-batches")
+    steps = list(cfg.pipeline.steps)
+    if not steps or any(s not in (1, 2, 3) for s in steps):
+        errors.append(f"pipeline.steps must be a non-empty subset of [1, 2, 3], got {steps}")
+    if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":
+        errors.append(f"hardware.backend={cfg.hardware.backend} needs GPUs; the CPU runs on gloo")
+    return errors
+
+
+def validate(cfg) -> None:
+    """Every choice, registry key and cross-field rule of a composed config, checked in the parent
+    before anything is loaded or launched. Raises one ValueError listing every problem, each naming
+    its key."""
+    from omegaconf import OmegaConf
+
+    errors = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            errors.append(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+    for key in AT_LEAST_ONE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            errors.append(f"{key}={value}: must be >= 1")
+    for key in AT_LEAST_ZERO:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 0:
+            errors.append(f"{key}={value}: must be >= 0")
+    from rlhf.algos.dpo import DPO_LOSSES
+    from rlhf.stages import STAGES
+
+    if cfg.stage.name not in STAGES:
+        errors.append(f"stage.name={cfg.stage.name!r}: not a stage; known: {', '.join(sorted(STAGES))}")
+    if cfg.dpo.loss not in DPO_LOSSES:
+        errors.append(f"dpo.loss={cfg.dpo.loss!r}: not a DPO loss; known: {', '.join(sorted(DPO_LOSSES))}")
+    from rlhf.algos.ppo import ADVANTAGES
+
+    if cfg.ppo.advantage not in ADVANTAGES:
+        errors.append(f"ppo.advantage={cfg.ppo.advantage!r}: not an estimator; known: {', '.join(ADVANTAGES)}")
+    errors += _rules(cfg)
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
