@@ -306,6 +306,7 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 1234
+    optimized_metric: str = "objective"  # summary.json key sweeps optimise (Optuna, best.json); objective = the stage's default
     anomaly: bool = False  # torch autograd anomaly detection: names the op that made a NaN/inf (slow; debug=anomaly)
     resume: Optional[str] = None  # auto | <checkpoint path>
     run_dir: str = ""  # "" = Hydra's output dir for this job

@@ -89,14 +89,14 @@ def test_unknown_group_option_fails_naming_it():
 
 def test_yaml_typo_in_a_group_file_is_caught(tmp_path):
     """A key that is not in the schema, written in a group file, fails at compose time."""
-    bad = CONF / "debug" / "_typo_test.yaml"
-    bad.write_text("# @package _global_\nsft:\n  learning_rate: 0.1\n")
-    try:
-        with pytest.raises(ConfigCompositionException) as err:
-            compose_cfg("debug=_typo_test")
-        assert "learning_rate" in str(err.value) + str(err.value.__cause__)
-    finally:
-        bad.unlink()
+    # the file lives in a directory of the test's own, added to Hydra's search path: nothing is
+    # written into conf/
+    (tmp_path / "debug").mkdir()
+    (tmp_path / "debug" / "_typo_test.yaml").write_text("# @package _global_\nsft:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(f"hydra.searchpath=[file://{tmp_path}]", "debug=_typo_test")
+    assert "learning_rate" in str(err.value) + str(err.value.__cause__)
+    assert not (CONF / "debug" / "_typo_test.yaml").exists()
 
 
 def _keys_with_values(text: str) -> list[str]:

@@ -91,3 +91,14 @@ def test_bad_values_fail_at_compose_naming_the_key(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         compose_cfg(override)
     assert time.perf_counter() - t0 < 5  # no model, data or rank touched
+
+
+def test_optimized_metric_names_what_a_stage_reports(tmp_path):
+    cfg = compose_cfg("stage=sft", *QUICK, "sft.max_steps=1", "data.heldout_prompts=2", "data.heldout_samples=0",
+                      "optimized_metric=eval_ppl", run_dir=tmp_path / "ok")
+    out = sft.run(cfg)
+    assert out["objective"] == out["eval_ppl"]
+    cfg = compose_cfg("stage=sft", *QUICK, "sft.max_steps=1", "data.heldout_prompts=2", "data.heldout_samples=0",
+                      "optimized_metric=eval_pll", run_dir=tmp_path / "bad")
+    with pytest.raises(KeyError, match="optimized_metric=eval_pll: stage sft reports no such metric.*eval_ppl"):
+        sft.run(cfg)

@@ -92,6 +92,12 @@ def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
 
     metrics = dict(metrics, wall_time_s=time.perf_counter() - ctx.t0, world_size=ctx.world)
     metrics.setdefault("model", str(ctx.cfg.model.name))
+    wanted = str(ctx.cfg.get("optimized_metric", "objective"))
+    if wanted != "objective":  # what sweeps read (Optuna's return value, best.json)
+        if wanted not in metrics:
+            raise KeyError(f"optimized_metric={wanted}: stage {ctx.cfg.stage.name} reports no such metric; "
+                           f"it reports {', '.join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float))))}")
+        metrics["objective"] = metrics[wanted]
     if metrics.get("model_dir") and Path(metrics["model_dir"], "config.json").is_file():
         metrics.update(describe_saved(metrics["model_dir"]))
     out = ctx.tracker.summary(metrics)
