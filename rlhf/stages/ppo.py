@@ -128,7 +128,7 @@ class PPOTrainer:
         if self.estimator.kl_in_loss:  # GRPO: KL to the reference as a loss term, weight kl_ctl
             kl_term = P.kl_loss(logp, exp["ref_logprobs"], am)
             actor_loss = actor_loss + self.kl_ctl.value * kl_term
-            out["kl_loss"] = float(kl_term)
+            out["kl_loss"] = float(kl_term.detach())
         actor.backward(actor_loss)
         actor.step()
         out["actor_loss"] = float(actor_loss.detach())
