@@ -124,3 +124,14 @@ def _scenario():
 
 def always_fails(prompts, answers):
     raise RuntimeError("checker is down")
+
+
+def test_preflight_wants_a_trained_reward_model_only_where_one_is_loaded():
+    from rlhf.engine.preflight import critic_problem
+
+    real = ("model=opt-1.3b", "reward=opt-350m", "hardware=a6000")
+    free = ("ppo.advantage=rloo", "ppo.samples_per_prompt=2")
+    assert critic_problem(compose_cfg("stage=ppo", *real, *free)) is not None  # rloo still scores with the RM
+    assert critic_problem(compose_cfg("stage=ppo", *real, *free, "ppo.reward_model=false",
+                                      "reward.fn=rlhf.data.demo:reward")) is None  # nothing of the RM is loaded
+    assert critic_problem(compose_cfg("stage=pipeline", *real, "pipeline.algo=grpo", "pipeline.steps=[1,3]")) is not None

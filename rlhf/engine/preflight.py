@@ -42,10 +42,14 @@ def accelerator_problem(hardware) -> Optional[str]:
 def _needs_trained_critic(cfg) -> bool:
     stage = cfg.stage.name
     if stage == "ppo":
-        return True
+        if cfg.ppo.reward_model:
+            return True
+        from rlhf.algos.ppo import get_estimator  # critic-free with a reward function alone: no reward model loaded
+
+        return get_estimator(cfg.ppo.advantage).critic
     if stage == "pipeline":
         pipe = cfg.pipeline
-        return pipe.algo == "ppo" and 3 in pipe.steps and 2 not in pipe.steps
+        return pipe.algo in ("ppo", "grpo") and 3 in pipe.steps and 2 not in pipe.steps
     return False
 
 
