@@ -426,7 +426,8 @@ def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
         for role in ROLE_GROUPS:
             node = cfg[role]
             if choices.get(role) in (None, choices.get("model")):  # follows `model`
-                mine = {k: OmegaConf.select(node, k) for k in own(role) if OmegaConf.select(node, k) is not None}
+                unset = object()  # a key set to null on the command line (reward.fn=null) is kept
+                mine = {k: v for k in own(role) if (v := OmegaConf.select(node, k, default=unset)) is not unset}
                 node = copy.deepcopy(cfg.model)
                 for k, v in mine.items():
                     OmegaConf.update(node, k, v, merge=False)

@@ -84,7 +84,9 @@ def test_step3_check_returns_the_estimator_and_the_weighted_function():
     est, fn = check(compose_cfg("stage=ppo", "ppo.advantage=reinforce_pp", "ppo.samples_per_prompt=2",
                                 "reward.fn=rlhf.data.demo:reward", "reward.fn_weight=3"))
     assert not est.critic and fn.weight == 3.0
-    assert check(compose_cfg("stage=ppo"))[1] is None
+    assert check(compose_cfg("stage=ppo", "reward.fn=null"))[1] is None
+    # the tiny demo preset adds the demo's rule to the reward model's score
+    assert check(compose_cfg("stage=ppo"))[1].weight == 5.0
 
 
 def test_hardware_profile_sets_the_thread_count():
