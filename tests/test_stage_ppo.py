@@ -155,7 +155,8 @@ def test_grpo_pipeline_step_builds_no_critic(pipeline_run, tmp_path):
 @pytest.mark.slow
 def test_reward_function_alone_trains_without_reward_model(pipeline_run, tmp_path):
     """reward.fn=rlhf.data.demo:reward (the task rule) and no reward model: RLOO over 4 answers per
-    prompt, no critic. Observed (seed 1234): see the assertion's comment."""
+    prompt, no critic. Observed (seed 1234, 30 iterations): greedy 0.797 -> 0.797, sampled 0.336 -> 0.422;
+    over 100 iterations (seeds 1, 2) greedy +0.031 / -0.047, sampled +0.176 / +0.074."""
     run_dir, _ = pipeline_run
     cli("stage=ppo", f"actor.path={run_dir / 'sft' / 'model'}", "ppo.reward_model=false",
         "reward.fn=rlhf.data.demo:reward", "ppo.advantage=rloo", "ppo.samples_per_prompt=4",
