@@ -89,7 +89,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
                             shuffle=False))
 
     loader, eval_loader = loaders()
-    spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum)
+    spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum,
+                    rows_per_sample=2)  # samples/s counts pairs
     n_steps = total_steps(len(loader), spec)
     # 3. model, engine, reference
     mode = "precomputed" if sec.precompute_ref else "adapters-disabled" if cfg.lora.rank > 0 else "copy"
