@@ -100,6 +100,11 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     task = None if cfg.stage.inline else slurm_task(world_size(cfg))
     multirun = in_multirun()
+    held = False
+    if task is None and not cfg.launch.dry_run:  # lock the run dir, refuse another run's; before config.yaml
+        from rlhf.engine.rundir import claim
+
+        held = claim(cfg, run_dir)
     try:
         if task is not None:  # one task of a Slurm job (hydra/launcher=submitit_slurm): this process is a rank
             return _run_as_slurm_rank(cfg, run_dir, task)
@@ -111,6 +116,11 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
         if task is not None and task.rank != 0:  # rank 0 of a Slurm job writes the job's summary
             return dict(classify(err), objective=None)
         return record_failure(run_dir, err, cfg)
+    finally:
+        if held:
+            from rlhf.engine.rundir import release
+
+            release(run_dir)
 
 
 def _start(cfg: DictConfig, run_dir: Path, isolate: bool) -> Dict[str, Any]:

@@ -229,6 +229,7 @@ class CheckpointConfig:
     every_n_steps: int = 0  # 0 = off (the final model is always saved)
     every_minutes: float = 0.0
     keep_last: int = 2
+    trust: bool = False  # load a foreign checkpoint whose DeepSpeed files need full unpickling (runs code: trusted files only)
 
 
 @dataclass
@@ -283,6 +284,7 @@ class Config:
     seed: int = 1234
     resume: Optional[str] = None  # auto | <checkpoint path>
     run_dir: str = ""  # "" = Hydra's output dir for this job
+    run_dir_mode: str = "new"  # new (refuse a run_dir holding another run) | overwrite (move the old run aside)
     cache_dir: str = ""  # tiny models, demo data, tokenised data; "" = <project>/.cache
 
 

@@ -53,6 +53,10 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir or cfg.run_dir)
     cache_dir = Path(cfg.cache_dir)
+    if rank == 0:  # lock, refuse another run's dir or a resume with other settings; before config.yaml
+        from rlhf.engine import rundir
+
+        rundir.claim(cfg, run_dir)
     resume_from = resolve_resume(cfg.resume, run_dir)
     run_id = json.loads((resume_from / "meta.json").read_text()).get("run_id") if resume_from else None
     tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), rank=rank,
@@ -82,6 +86,9 @@ def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
     out = ctx.tracker.summary(metrics)
     ctx.tracker.close()
     barrier()
+    from rlhf.engine import rundir
+
+    rundir.release(ctx.run_dir)
     return out
 
 
