@@ -1,0 +1,212 @@
+"""What a run guarantees: loading a checkpoint never runs code, a run directory belongs to one
+run, finishing is idempotent, metrics survive a torn line, bad input names its cause."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.engine import rundir
+from rlhf.stages import get_stage
+from tests.conftest import ROOT, compose_cfg
+
+QUICK = ("stage=sft", "logger=none", "logger.progress=false", "data.demo_size=400", "data.heldout_prompts=8",
+         "sft.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=10", "zero=2")
+
+
+def sft(*overrides, run_dir):
+    return get_stage("sft")(compose_cfg(*QUICK, *overrides, run_dir=run_dir))
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory):
+    """A finished 4-step SFT run (ZeRO-2, so optimizer states are DeepSpeed pickles) with
+    checkpoints at steps 2 and 4."""
+    d = tmp_path_factory.mktemp("done")
+    summary = sft(run_dir=d)
+    assert summary["steps"] == 4
+    return d
+
+
+class Payload:
+    """A pickle whose loading creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _readable_files(ckpt: Path):
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+
+
+def test_checkpoint_files_are_json_safetensors_or_weights_only(done_run):
+    ckpt = done_run / "checkpoints" / "step-00000002"
+    files = _readable_files(ckpt)
+    assert "rng-rank0.json" in files and not any(f.startswith("rng-") and f.endswith(".pt") for f in files)
+    assert json.loads((ckpt / "meta.json").read_text())["config"]["sft"]["max_steps"] == 4
+
+
+@pytest.mark.parametrize("name", ["model/state/mp_rank_00_model_states.pt",
+                                  "model/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                  "model/state/planted.pt", "rng-rank0.json", "meta.json"])
+def test_malicious_pickle_in_a_checkpoint_never_runs(done_run, tmp_path, name):
+    ckpt = tmp_path / "ckpt" / "step-00000002"
+    shutil.copytree(done_run / "checkpoints" / "step-00000002", ckpt)
+    marker = tmp_path / "PWNED"
+    torch.save({"module": Payload(marker)}, ckpt / name)
+    with pytest.raises(Exception) as err:
+        sft(f"resume={ckpt}", run_dir=tmp_path / "run")
+    assert not marker.exists(), "loading the checkpoint ran code"
+    named = ckpt if name == "meta.json" else ckpt / name  # a meta.json that is not JSON: an incomplete checkpoint
+    assert str(named) in str(err.value), err.value
+    if name.endswith(".pt"):
+        assert "checkpoint.trust=true" in str(err.value)
+
+
+def test_a_genuine_zero2_checkpoint_resumes(done_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(done_run, run)
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    summary = sft("resume=auto", run_dir=run)
+    assert summary["steps"] == 4
+    assert summary["eval_ppl"] == json.loads((done_run / "summary.json").read_text())["eval_ppl"]
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def test_a_new_run_refuses_a_used_run_dir_and_leaves_it_intact(done_run):
+    before = {p: (done_run / p).read_bytes() for p in ("config.yaml", "metrics.jsonl", "summary.json")}
+    with pytest.raises(rundir.RunDirTaken, match="already holds another run.*resume=auto.*run_dir_mode=overwrite"):
+        sft("sft.lr=0.03", run_dir=done_run)
+    assert {p: (done_run / p).read_bytes() for p in before} == before
+    assert sorted(p.name for p in (done_run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path):
+    d = tmp_path / "run"
+    (d / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (d / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = compose_cfg(*QUICK, "run_dir_mode=overwrite", run_dir=d)
+    assert rundir.claim(cfg, d)
+    rundir.release(d)
+    assert not (d / "metrics.jsonl").exists()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_pipeline_owns_only_the_steps_it_runs(tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "summary.json").write_text("{}")
+    (tmp_path / "summary.json").write_text("{}")
+    rundir.check_owner(compose_cfg("stage=pipeline", "pipeline.steps=[3]"), tmp_path)  # reruns step 3: allowed
+    with pytest.raises(rundir.RunDirTaken, match="sft: summary.json"):
+        rundir.check_owner(compose_cfg("stage=pipeline", "pipeline.steps=[1,2,3]"), tmp_path)
+
+
+def test_a_second_process_on_a_locked_run_dir_fails_naming_the_holder(tmp_path):
+    code = ("import sys, time; from rlhf.engine import rundir; rundir.acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(rundir.RunDirInUse, match=f"in use by another run \\(PID {holder.pid}"):
+            rundir.claim(compose_cfg(*QUICK, "resume=auto", run_dir=tmp_path), tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rundir.claim(compose_cfg(*QUICK, run_dir=tmp_path), tmp_path)  # free again once the holder is gone
+    rundir.release(tmp_path)
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (("sft.lr=0.03",), ["sft.lr"]),
+    (("lora=r8",), ["lora.rank"]),
+    (("model=tiny-llama",), ["model.family", "model.path"]),
+    (("sft.max_seq_len=33", "zero=0"), ["sft.max_seq_len", "zero.stage"]),
+])
+def test_resume_with_other_settings_is_refused_naming_them(done_run, overrides, keys):
+    config = (done_run / "config.yaml").read_bytes()
+    cfg = compose_cfg(*QUICK, "resume=auto", *overrides, run_dir=done_run)
+    with pytest.raises(rundir.RunDirTaken, match="differ from the ones the checkpoint was written with") as err:
+        rundir.claim(cfg, done_run)
+    for k in keys:
+        assert f"{k}:" in str(err.value)
+    assert (done_run / "config.yaml").read_bytes() == config
+    # what does not change the training math may change
+    assert not rundir.settings_diff(json.loads((done_run / "checkpoints" / "step-00000004" / "meta.json")
+                                               .read_text())["config"],
+                                    {"sft": {"log_every": 5, "eval_every": 3}, "checkpoint": {"every_n_steps": 1}},
+                                    "sft")
+
+
+# ---------------------------------------------------------------- finishing
+
+
+def test_resume_auto_on_a_finished_run_reports_already_complete(done_run, capsys):
+    files = {p: (done_run / p).read_bytes() for p in ("summary.json", "metrics.jsonl", "model/model.safetensors")}
+    out = sft("resume=auto", run_dir=done_run)
+    assert "already complete" in capsys.readouterr().out
+    assert out == json.loads(files["summary.json"])
+    assert {p: (done_run / p).read_bytes() for p in files} == files
+
+
+def test_killed_during_final_eval_resumes_into_a_complete_summary(done_run, tmp_path):
+    """A kill after the last checkpoint (during final eval or export), with a torn metrics line."""
+    run = tmp_path / "run"
+    shutil.copytree(done_run, run)
+    whole = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "model")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "time_s": 9.1, "eval/lo')  # torn mid-write
+    summary = sft("resume=auto", run_dir=run)
+    for key in ("final_train_loss", "eval_ppl", "eval_loss", "eval_ppl_initial", "steps"):
+        assert summary[key] == whole[key], key
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/ppl" in r] == [4], "the final eval row is written once"
+    assert (run / "model" / "model.safetensors").read_bytes() == (done_run / "model" / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------- tracking
+
+
+def test_wandb_goes_online_only_when_asked_or_logged_in_and_not_offline(monkeypatch, tmp_path):
+    from rlhf.tracking import wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode("auto") == "online"
+    for mode in ("offline", "disabled"):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        assert wandb_mode("auto") == "offline"
+    assert wandb_mode("online") == "online"
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_appending_continues(tmp_path):
+    from rlhf.config import LoggerConfig
+    from rlhf.tracking import Tracker
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
+    tracker = Tracker(tmp_path, LoggerConfig(progress=False), {}, rank=0)
+    tracker.log({"train/loss": 1.5}, step=2)
+    tracker.truncate(2)
+    assert tracker.last["train/loss"] == 1.5
+    tracker.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 2.0), (2, 1.5)]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damage mid-file is not hidden
+    with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not JSON"):
+        Tracker(tmp_path, LoggerConfig(progress=False), {}, rank=0)
