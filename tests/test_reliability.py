@@ -210,3 +210,78 @@ def test_a_torn_last_metrics_line_is_dropped_and_appending_continues(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damage mid-file is not hidden
     with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not JSON"):
         Tracker(tmp_path, LoggerConfig(progress=False), {}, rank=0)
+
+
+# ---------------------------------------------------------------- bad input names its cause
+
+
+GOOD = [{"prompt": f"Human: what is {i} plus 1? Assistant:", "chosen": f"It is {i + 1}.", "rejected": "No idea."}
+        for i in range(40)]
+
+
+def _local(d: Path, train, eval_=None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for name, content in (("train.json", train), ("eval.json", GOOD[:8] if eval_ is None else eval_)):
+        (d / name).write_bytes(content if isinstance(content, bytes) else
+                               (content if isinstance(content, str) else json.dumps(content)).encode())
+    return d
+
+
+@pytest.mark.parametrize("train, eval_, file, cause", [
+    ("[]", None, "train.json", "an empty JSON list"),
+    ("", None, "train.json", "the file is empty \\(0 bytes\\)"),
+    (GOOD, "", "eval.json", "the file is empty \\(0 bytes\\)"),
+    (GOOD, "[]", "eval.json", "an empty JSON list"),
+    (json.dumps(GOOD)[:-40], None, "train.json", "not valid JSON .* line 1 column \\d+.*truncated"),
+    (b"\xff\xfe" + json.dumps(GOOD).encode(), None, "train.json", "not UTF-8 text \\(byte 0"),
+    (json.dumps(GOOD[0]), None, "train.json", "a single JSON object; expected a list of rows"),
+])
+def test_broken_data_files_name_the_file_and_the_cause(tmp_path, train, eval_, file, cause):
+    from rlhf.config import SourceConfig
+    from rlhf.data.sources import load_source_with_stats
+
+    d = _local(tmp_path / "data", train, eval_)
+    with pytest.raises(ValueError, match=f"{d / file}: {cause}"):
+        load_source_with_stats(SourceConfig(name="local/jsonfile", path=str(d)), tmp_path / "cache")
+
+
+def test_local_json_without_a_path_names_the_key(tmp_path):
+    from rlhf.data.blend import build_step_data
+
+    cfg = compose_cfg("data=local-json", f"data.sources.0.path={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="local/jsonfile.*nowhere.*no such file or directory "
+                                                "\\(data.sources.0.path"):
+        build_step_data(cfg.data, 1, tmp_path, 1)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("sft.max_seq_len=0",), "all \\d+ rows were dropped \\(\\d+ because the prompt alone is longer than "
+                             "sft.max_seq_len=0 tokens\\); raise sft.max_seq_len"),
+    (("sft.grad_accum=0",), "sft.grad_accum=0: must be >= 1"),
+    (("sft.epochs=0",), "sft.epochs=0: must be >= 1"),
+    (("checkpoint.every_n_steps=-1",), "checkpoint.every_n_steps=-1: must be >= 0"),
+    (("checkpoint.keep_last=0",), "checkpoint.keep_last=0: must be >= 1"),
+    (("run_dir_mode=replace",), "run_dir_mode='replace': expected one of new, overwrite"),
+])
+def test_bad_settings_name_the_key(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        sft(*overrides, run_dir=tmp_path)
+    assert rundir.previous_run(tmp_path) == []  # nothing left that would block a corrected rerun
+
+
+def test_ppo_without_a_usable_prompt_refuses_to_start(tmp_path):
+    cfg = compose_cfg("stage=ppo", "logger=none", "logger.progress=false", "data.demo_size=400",
+                      "ppo.max_prompt_len=2", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="tokenizing prompts: all \\d+ rows were dropped .*ppo.max_prompt_len=2"):
+        get_stage("ppo")(cfg)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_summary_counts_the_rows_the_loader_skipped(tmp_path):
+    bad = [{"prompt": "Human: x Assistant:", "chosen": "", "rejected": "no"}, {"prompt": "Human: y Assistant:"},
+           {"prompt": 3, "chosen": "a", "rejected": "b"}]
+    d = _local(tmp_path / "data", GOOD + bad)
+    summary = sft("data=local-json", f"data.sources.0.path={d}", "data.data_split='1,0,0'", "sft.max_steps=1",
+                  "checkpoint.every_n_steps=0", run_dir=tmp_path / "run")
+    assert summary["bad_rows"] == 3 and summary["dropped_rows"] == 3
+    assert summary["train_rows"] == 40

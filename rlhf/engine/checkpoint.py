@@ -140,12 +140,23 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return path
 
 
+def check_settings(ckpt_cfg) -> None:
+    """``checkpoint.*`` values that make sense, else a ValueError naming the key."""
+    if ckpt_cfg.every_n_steps < 0:
+        raise ValueError(f"checkpoint.every_n_steps={ckpt_cfg.every_n_steps}: must be >= 0 (0 = off)")
+    if ckpt_cfg.every_minutes < 0:
+        raise ValueError(f"checkpoint.every_minutes={ckpt_cfg.every_minutes}: must be >= 0 (0 = off)")
+    if ckpt_cfg.keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last={ckpt_cfg.keep_last}: must be >= 1")
+
+
 class Checkpointer:
     """Saves every ``every_n_steps`` optimizer steps and/or ``every_minutes``; keeps the last K."""
 
     def __init__(self, run_dir: Path, ckpt_cfg, engines: Dict[str, Any], tracker=None,
                  extra_state: Optional[Callable[[], Dict[str, Any]]] = None,
                  config: Optional[Dict[str, Any]] = None):
+        check_settings(ckpt_cfg)
         self.root = Path(run_dir) / "checkpoints"
         self.config = config if config is not None else getattr(tracker, "config", None)  # the run's resolved config, kept in meta.json (resume compares against it)
         self.cfg = ckpt_cfg

@@ -124,7 +124,7 @@ def _owned_dirs(cfg, run_dir: Path) -> List[Path]:
 
 def previous_run(d: Path) -> List[str]:
     """What in ``d`` shows that a run already used it."""
-    found = [n for n in ("metrics.jsonl", "summary.json") if (d / n).exists()]
+    found = [n for n in ("metrics.jsonl", "summary.json") if (d / n).exists() and (d / n).stat().st_size > 0]
     ck = d / "checkpoints"
     if ck.is_dir() and any(p.name.startswith("step-") for p in ck.iterdir()):
         found.append("checkpoints/")
@@ -198,6 +198,12 @@ def check_resume(cfg, run_dir: Path) -> None:
 
     ckpt = resolve_resume(cfg.resume, run_dir)
     if ckpt is None:
+        metrics = run_dir / "metrics.jsonl"
+        if cfg.resume == "auto" and finished(cfg, run_dir) is None and metrics.exists() and metrics.stat().st_size:
+            aside = metrics.with_name(f"metrics.jsonl.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(metrics, aside)  # starting over: the new run's rows must not follow the old ones
+            log.warning("resume=auto: no complete checkpoint in %s, starting over; earlier metrics moved to %s",
+                        run_dir, aside)
         return
     try:
         old = json.loads((ckpt / "meta.json").read_text()).get("config")
@@ -221,6 +227,9 @@ def check_resume(cfg, run_dir: Path) -> None:
 def claim(cfg, run_dir: Path) -> bool:
     """Lock ``run_dir`` and check it may be used by this run (see the module doc). Returns whether
     this call took the lock (the caller then releases it when the run ends)."""
+    from rlhf.engine.checkpoint import check_settings
+
+    check_settings(cfg.checkpoint)  # before anything is written
     run_dir = Path(run_dir).resolve()
     took = acquire(run_dir)
     try:

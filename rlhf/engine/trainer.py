@@ -44,6 +44,18 @@ def make_loader(dataset, batch_size: int, collate, rank: int, world: int, seed: 
 
 
 def total_steps(n_batches: int, spec: LoopSpec, section: str = "train") -> int:
+    for key in ("grad_accum", "epochs"):
+        if getattr(spec, key) < 1:
+            raise ValueError(f"{section}.{key}={getattr(spec, key)}: must be >= 1"
+                             + (" (max_steps caps the run at fewer steps)" if key == "epochs" else ""))
+    for key in ("max_steps", "eval_every"):
+        if getattr(spec, key) < 0:
+            raise ValueError(f"{section}.{key}={getattr(spec, key)}: must be >= 0 (0 = off)")
+    if spec.log_every < 1:
+        raise ValueError(f"{section}.log_every={spec.log_every}: must be >= 1")
+    if n_batches == 0:
+        raise ValueError(f"{section}: the training data makes no full micro-batch (fewer rows than "
+                         f"{section}.micro_batch_size x ranks): add data or lower {section}.micro_batch_size")
     per_epoch = n_batches // spec.grad_accum
     if per_epoch == 0:
         raise ValueError(f"{section}.grad_accum={spec.grad_accum} is more than the {n_batches} micro-batches of an "

@@ -65,8 +65,10 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         raise ValueError(f"the reward model reads scores with right padding; family '{cfg.model.family}' "
                          f"pads on the {tokenizer.padding_side}")
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
-    train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed))
-    train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
+    data_stats: dict = {}
+    train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed), data_stats)
+    train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload,
+                                           key="rm.max_seq_len")
     eval_ds, _ = tokenize_pairs(eval_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.padding_side)
     loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "rm", train_ds, eval_ds, collate)
@@ -117,5 +119,5 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
         "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
         "params": n_params, "trainable_params": n_trainable, "train_pairs": len(train_ds),
-        "dropped_pairs": train_stats.get("dropped", 0), "objective": metrics["acc"],
+        "dropped_pairs": train_stats.get("dropped", 0) + data_stats["bad_rows"], "bad_rows": data_stats["bad_rows"], "objective": metrics["acc"],
     })
