@@ -18,7 +18,11 @@ sys.argv = [sys.argv[0], *quote_numeric_choices(sys.argv[1:])]
 def main(cfg: DictConfig):
     from launchers import launch
 
-    metrics = launch(cfg)
+    try:
+        metrics = launch(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop: one line, no traceback
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
     # Sweepers (Optuna) read the objective from the return value.
     return metrics.get("objective") if isinstance(metrics, dict) else None
 

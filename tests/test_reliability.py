@@ -285,3 +285,38 @@ def test_summary_counts_the_rows_the_loader_skipped(tmp_path):
                   "checkpoint.every_n_steps=0", run_dir=tmp_path / "run")
     assert summary["bad_rows"] == 3 and summary["dropped_rows"] == 3
     assert summary["train_rows"] == 40
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
+    import signal
+    import time
+
+    from rlhf.engine.checkpoint import find_latest
+    from tests.conftest import shared_cache
+
+    args = [sys.executable, "run.py", *QUICK[:-1], "sft.max_steps=30", "checkpoint.every_n_steps=100",
+            f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"train/loss"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    last = find_latest(tmp_path)
+    assert last is not None
+    step = json.loads((last / "meta.json").read_text())["step"]
+    assert f"interrupted at optimizer step {step}: checkpoint {last} written; resume with resume=auto" in err
+    assert 1 <= step < 30 and not (tmp_path / "summary.json").exists()
+    out = subprocess.run([*args, "resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
