@@ -251,11 +251,22 @@ def write_failure(run_dir: Path, err: BaseException, rank: int) -> None:
         log.exception("could not write the failure report")
 
 
+# A rank's error that says a peer vanished (killed) or stopped answering (collective timeout).
+PEER_ERRORS = ("connection reset", "broken pipe", "connection closed", "closed by peer", "timed out",
+               "timeout", "connection refused", "socket closed")
+
+
 def worker_failure(run_dir: Path, returncode: int, n: int = 1) -> RunFailed:
     """The error of the lowest failing rank, or what the exit code says (-9/137: killed, likely host OOM)."""
     reports = sorted(run_dir.glob("failure-rank*.json"), key=lambda p: int(p.stem.split("rank")[-1] or 0))
     if reports:
         r = json.loads(reports[0].read_text())
+        silent = sorted(set(range(n)) - {int(p.stem.split("rank")[-1] or 0) for p in reports})
+        if n > 1 and silent and any(s in r["error"].lower() for s in PEER_ERRORS):
+            # the reporting ranks failed because a peer vanished or stopped answering: name that peer
+            who = ", ".join(f"rank {k}" for k in silent)
+            return RunFailed(f"{who} died or stopped responding (no error report; killed, crashed or stuck); "
+                             f"rank {r.get('rank', '?')} then failed waiting for it: {r['error']}", "failed", "RankLost")
         where = f"rank {r.get('rank', '?')}: " if n > 1 else ""
         return RunFailed(f"{where}{r['error']}", r["status"], r.get("error_type", ""))
     if returncode in (-9, 137):

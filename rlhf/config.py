@@ -249,6 +249,7 @@ class LaunchConfig:
     dry_run: bool = False  # print the command(s) that would start the ranks, start nothing
     omp_threads: int = 0  # threads per CPU rank; 0 = cores / ranks
     isolate_jobs: bool = True  # multirun: each job in its own process (own memory peaks, failures contained)
+    timeout_s: float = 300.0  # a collective waiting longer than this for another rank fails, naming it (DeepSpeed's default: 30 min)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # hardware.launcher=slurm
 
 

@@ -320,3 +320,44 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
     out = subprocess.run([*args, "resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
+
+
+# ---------------------------------------------------------------- two ranks
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_lost_rank_is_named_and_a_stuck_one_ends_the_run(tmp_path, how):
+    """Rank 1 killed (its peer sees 'connection reset') or stopped (its peer times out after
+    launch.timeout_s): the run fails naming rank 1, not the rank that reported the error."""
+    import signal
+    import time
+
+    import psutil
+
+    from tests.conftest import shared_cache
+
+    args = [sys.executable, "run.py", "stage=sft", "hardware=cpu2", "logger=none", "logger.progress=false",
+            "data.demo_size=400", "data.heldout_prompts=8", "sft.max_steps=300", "launch.timeout_s=10",
+            f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.1)
+    ranks = {q.environ().get("RANK"): q for q in psutil.Process(proc.pid).children(recursive=True)
+             if "launchers.worker" in " ".join(q.cmdline())}
+    rank1 = ranks["1"]
+    t0 = time.time()
+    rank1.send_signal(getattr(signal, how))
+    try:
+        err = proc.communicate(timeout=240)[1]
+    finally:
+        if rank1.is_running():
+            rank1.kill()
+    assert proc.returncode != 0
+    assert "rank 1 died or stopped responding" in err, err[-3000:]
+    assert ("Connection reset" if how == "SIGKILL" else "Timed out waiting 10000ms") in err
+    assert time.time() - t0 < 120

@@ -25,21 +25,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(hardware: HardwareConfig) -> tuple[int, int]:
+def init_distributed(hardware: HardwareConfig, timeout_s: Optional[float] = None) -> tuple[int, int]:
     """Join (or, for one inline process, create) the process group. Returns (rank, world_size).
 
     Rank workers started by a launcher find RANK/WORLD_SIZE set; an inline run is a group of one,
-    which DeepSpeed still needs.
+    which DeepSpeed still needs. ``timeout_s`` (``launch.timeout_s``) bounds every collective: a
+    rank that stops answering ends the run after that long instead of DeepSpeed's 30 minutes.
     """
+    from datetime import timedelta
+
     import deepspeed
+
+    kw = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
 
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             # One inline process: an in-memory store, so no TCP port can collide with another run.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ["MASTER_PORT"] = str(hardware.master_port or free_port())
-            dist.init_process_group(hardware.backend, store=dist.HashStore(), rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False)
+            dist.init_process_group(hardware.backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+        deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False, **kw)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -49,7 +49,7 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
     from rlhf.engine.memory import check_fits
 
     check_fits(cfg)  # before anything is allocated: stop with the smallest change that fits
-    rank, world = init_distributed(cfg.hardware)
+    rank, world = init_distributed(cfg.hardware, cfg.launch.timeout_s)
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir or cfg.run_dir)
     cache_dir = Path(cfg.cache_dir)
