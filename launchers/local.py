@@ -101,11 +101,11 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
     task = None if cfg.stage.inline else slurm_task(world_size(cfg))
     multirun = in_multirun()
     held = False
-    if task is None and not cfg.launch.dry_run:  # lock the run dir, refuse another run's; before config.yaml
-        from rlhf.engine.rundir import claim
-
-        held = claim(cfg, run_dir)
     try:
+        if task is None and not cfg.launch.dry_run:  # lock the run dir, refuse another run's; before config.yaml
+            from rlhf.engine.rundir import claim
+
+            held = claim(cfg, run_dir)
         if task is not None:  # one task of a Slurm job (hydra/launcher=submitit_slurm): this process is a rank
             return _run_as_slurm_rank(cfg, run_dir, task)
         return _start(cfg, run_dir, isolate=multirun and cfg.launch.isolate_jobs)
@@ -113,6 +113,10 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
         if not multirun:
             raise
         log.error("job failed; the sweep goes on: %s", err)
+        from rlhf.engine.rundir import RunDirInUse, RunDirTaken
+
+        if isinstance(err, (RunDirInUse, RunDirTaken)):  # the directory is another run's: write nothing there
+            return dict(classify(err), objective=None)
         if task is not None and task.rank != 0:  # rank 0 of a Slurm job writes the job's summary
             return dict(classify(err), objective=None)
         return record_failure(run_dir, err, cfg)

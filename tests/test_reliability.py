@@ -361,3 +361,9 @@ def test_a_lost_rank_is_named_and_a_stuck_one_ends_the_run(tmp_path, how):
     assert "rank 1 died or stopped responding" in err, err[-3000:]
     assert ("Connection reset" if how == "SIGKILL" else "Timed out waiting 10000ms") in err
     assert time.time() - t0 < 120
+
+
+def test_the_exported_model_dir_has_the_usual_permissions(done_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (done_run / "model").stat().st_mode & 0o777 == 0o777 & ~umask

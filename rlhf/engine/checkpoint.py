@@ -70,6 +70,13 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def _np_reconstruct():
+    try:
+        return np._core.multiarray._reconstruct
+    except AttributeError:  # numpy < 2
+        return np.core.multiarray._reconstruct
+
+
 def safe_load(path: Path, allow: Optional[list] = None, **kw) -> Any:
     """``torch.load`` with the weights-only unpickler; anything else is refused naming the file."""
     import pickle
@@ -236,11 +243,17 @@ class Checkpointer:
             if loaded is None:
                 raise RuntimeError(f"checkpoint {path}: could not load the '{name}' engine state")
         rng = path / f"rng-rank{_rank()}.json"
+        legacy = path / f"rng-rank{_rank()}.pt"  # checkpoints written before RNG states were JSON
         if rng.exists():
             try:
                 set_rng_state(_read_json(rng))
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{rng}: not an RNG state this project wrote ({e})") from None
+        elif legacy.exists():
+            state = safe_load(legacy, [np.ndarray, np.dtype, np.dtypes.UInt32DType, _np_reconstruct()])
+            random.setstate(state["python"])
+            np.random.set_state(state["numpy"])
+            torch.set_rng_state(state["torch"])
         if (path / "extra.safetensors").exists():
             from safetensors.torch import load_file
 

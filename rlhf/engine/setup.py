@@ -37,6 +37,10 @@ def init_distributed(hardware: HardwareConfig, timeout_s: Optional[float] = None
     import deepspeed
 
     kw = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
+    if kw:  # groups DeepSpeed creates later (data parallel, ZeRO) take torch's default, not the world's
+        from torch.distributed import distributed_c10d as c10d
+
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = kw["timeout"]
 
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
