@@ -14,12 +14,34 @@ register()
 sys.argv = [sys.argv[0], *quote_numeric_choices(sys.argv[1:])]
 
 
+def resolve(cfg: DictConfig) -> DictConfig:
+    """Which model each role trains (``rlhf.config.resolve_models``), from the command line's
+    overrides and group choices; a single run's directory is named after the model really trained."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from rlhf.config import resolve_models
+
+    hc = HydraConfig.get()
+    resolve_models(cfg, list(hc.overrides.task), dict(hc.runtime.choices))
+    out = Path(hc.runtime.output_dir)
+    if not cfg.run_dir and hc.mode == RunMode.RUN and out.parent.name != cfg.model.name \
+            and out.parent.parent.name == str(cfg.stage.name):
+        target = out.parent.parent / str(cfg.model.name) / out.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out.rename(target)  # Hydra's files (.hydra/, the open log) move with it
+        cfg.run_dir = str(target)
+    return cfg
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     from launchers import launch
 
     try:
-        metrics = launch(cfg)
+        metrics = launch(resolve(cfg))
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop: one line, no traceback
         print("interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None

@@ -16,8 +16,8 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # short name shown in tables, e.g. "opt-1.3b"
-    family: str = MISSING  # key of rlhf.models.families.FAMILIES
+    name: str = MISSING  # short name shown in tables and run dirs, e.g. "opt-1.3b" (from the path when path is set)
+    family: str = "auto"  # auto = from the checkpoint's model_type | a key of rlhf.models.families.FAMILIES
     path: str = MISSING  # hub id, local HF directory, or a tiny spec name ("tiny-opt")
     init: str = "pretrained"  # pretrained | random (real shape, no weights) | tiny (built offline)
     dtype: str = "auto"  # auto (hardware precision) | fp32 | fp16 | bf16
@@ -25,6 +25,7 @@ class ModelConfig:
     allow_pickle: bool = False  # explicit opt-in to load .bin/.pt pickle weights
     arch: Dict[str, Any] = field(default_factory=dict)  # HF config kwargs (random init, planner)
     params_b: float = 0.0  # parameter count in billions (planner), 0 = derive from arch
+    key: str = "model"  # set by resolve_models: the config key errors name (model | actor | reward)
 
 
 @dataclass
@@ -210,12 +211,16 @@ class PipelineConfig:
 
 @dataclass
 class ChatConfig:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 0.8
-    top_k: int = 10
+    """Generation settings of stage=chat; None = the model family's own default (Pangu/GLM/ChatGLM:
+    the Chinese toolkit's max_new_tokens 100, top_k 10, temperature 0.8, sampling), else the value
+    in the comment."""
+
+    max_new_tokens: Optional[int] = None  # 256
+    do_sample: Optional[bool] = None  # false (greedy)
+    temperature: Optional[float] = None  # 0.8
+    top_k: Optional[int] = None  # 10
     top_p: float = 1.0
-    max_history_tokens: int = 1024  # older turns are dropped beyond this
+    max_history_tokens: int = 1024  # older turns are dropped beyond this (and beyond the model's context)
 
 
 @dataclass
@@ -310,3 +315,127 @@ def quote_numeric_choices(overrides: List[str]) -> List[str]:
                 arg = f"{key}=" + ",".join(f"'{c}'" for c in choices)
         out.append(arg)
     return out
+
+
+# ---------------------------------------------------------------- which model each stage trains
+
+ROLE_GROUPS = ("actor", "reward")  # per-role model groups; each follows `model` unless chosen or set
+
+# The model roles each stage reads ("model" is the stage's own model after resolve_models).
+# A role a stage does not read may not be chosen or set: the run stops naming the key that works.
+STAGE_ROLES: Dict[str, tuple] = {
+    "sft": ("actor",), "pretrain": ("actor",), "eval": ("actor",), "chat": ("actor",), "dpo": ("actor",),
+    "rm": ("reward",), "ppo": ("actor", "reward"), "plan": ("actor", "reward"), "pipeline": ("actor", "reward"),
+}
+
+
+def _norm(s: str) -> str:
+    return "".join(ch for ch in str(s).lower() if ch.isalnum())
+
+
+def model_label(path: str, name: str = "") -> str:
+    """The name a model goes by in run directories, tables and summaries: ``name`` when ``path`` is
+    that model (a tiny spec, or a hub id / directory whose name contains it), else from the path:
+    the hub id's repo name or the directory's most telling part (not ``model``, a step name or a
+    timestamp)."""
+    from pathlib import Path
+
+    path = str(path)
+    if name and _norm(name) and _norm(name) in _norm(path):
+        return name
+    parts = [p for p in Path(path).expanduser().parts if p not in ("/", ".", "..")]
+    generic = {"model", "critic", "ema", "sft", "rm", "ppo", "dpo", "pretrain", "checkpoint", "final", "hf"}
+    for part in reversed(parts):
+        if part.lower() not in generic and not part[:1].isdigit() and not part.startswith("step-"):
+            return part
+    return parts[-1] if parts else (name or "model")
+
+
+def _override_keys(overrides: List[str]) -> Dict[str, str]:
+    """{key: raw value} of command-line overrides (``model.path=x``, ``+a.b=c``, ``actor=opt-1.3b``)."""
+    out = {}
+    for arg in overrides:
+        key, sep, value = str(arg).partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def _adopt_path(node, own: set) -> None:
+    """A model whose path was set: its family, name, shape and init come from that checkpoint,
+    except the keys the user set for it too (``own``)."""
+    from rlhf.models.tiny import TINY_SPECS
+
+    path = str(node.path)
+    if "init" not in own and node.init == "tiny" and path not in TINY_SPECS:
+        node.init = "pretrained"
+    if "family" not in own and not (node.init == "tiny" and path in TINY_SPECS):
+        node.family = "auto"
+    if "name" not in own:
+        node.name = model_label(path, str(node.name))
+    if "params_b" not in own:
+        node.params_b = 0.0
+    if "dtype" not in own:
+        node.dtype = "auto"
+    if "arch" not in own and not any(k.startswith("arch.") for k in own):
+        node.arch = {}
+
+
+def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
+    """One rule for which model every stage trains (in place; returns ``cfg``):
+
+    - ``model=<name>`` or ``model.path=<dir|hub id>`` sets the actor and the reward/critic model;
+      ``actor=...``/``reward=...`` (a group choice) or ``actor.*``/``reward.*`` keys override per role.
+    - a set ``<key>.path`` makes that model the checkpoint's: family ``auto`` (from its
+      ``model_type``), name from the path, no preset shape (``init=tiny`` becomes ``pretrained``).
+    - a role the stage does not read (``reward=`` for ``stage=sft``, ``critic.path`` outside step 3)
+      stops the run, naming the key that works.
+    - ``cfg.model`` becomes the stage's own model: the actor (sft, dpo, ppo, chat, pretrain, eval,
+      pipeline) or the reward model (rm); ``<model>.key`` records the key the user gave it under.
+    """
+    import copy
+
+    from omegaconf import OmegaConf, open_dict
+
+    keys = _override_keys(overrides)
+    choices = {k: v for k, v in (choices or {}).items()}
+    stage = str(cfg.stage.name)
+
+    def own(role: str) -> set:
+        return {k.split(".", 1)[1] for k in keys if k.startswith(role + ".") and "." in k}
+
+    def set_by_user(role: str) -> bool:
+        chosen = choices.get(role) not in (None, choices.get("model"))
+        return chosen or bool(own(role))
+
+    with open_dict(cfg):
+        cfg.model.key = "model"
+        if "model.path" in keys:
+            _adopt_path(cfg.model, own("model"))
+        for role in ROLE_GROUPS:
+            node = cfg[role]
+            if choices.get(role) in (None, choices.get("model")):  # follows `model`
+                mine = {k: OmegaConf.select(node, k) for k in own(role) if OmegaConf.select(node, k) is not None}
+                node = copy.deepcopy(cfg.model)
+                for k, v in mine.items():
+                    OmegaConf.update(node, k, v, merge=False)
+                node.key = role if mine else "model"
+                cfg[role] = node
+            else:
+                cfg[role].key = role
+            if f"{role}.path" in keys:
+                _adopt_path(cfg[role], own(role))
+                cfg[role].key = role
+        used = STAGE_ROLES.get(stage, ("actor",))
+        if stage == "pipeline" and cfg.pipeline.algo == "dpo":
+            used = ("actor",)
+        for role in ROLE_GROUPS:
+            if role not in used and set_by_user(role):
+                works = "model= / model.path=" + (f" (or {used[0]}=...)" if used else "")
+                raise ValueError(f"stage={stage} does not use `{role}` ({role}= / {role}.*): it trains "
+                                 f"{'the reward model' if used == ('reward',) else 'the actor'}; set {works}")
+        if "critic.path" in keys and stage not in ("ppo", "pipeline", "plan"):
+            raise ValueError(f"critic.path is read by stage=ppo (and the pipeline's step 3), not by stage={stage}")
+        primary = "reward" if used == ("reward",) else "actor"
+        cfg.model = copy.deepcopy(cfg[primary])
+    return cfg

@@ -62,9 +62,14 @@ def test_ppo_sampling_settings_name_the_key(tmp_path, overrides, match):
         ppo.run(cfg)
 
 
-def test_standalone_rm_stage_refuses_a_reward_choice_it_would_ignore(tmp_path):
-    from rlhf.stages import rm
-
-    cfg = compose_cfg("stage=rm", *QUICK, "reward=tiny-llama", run_dir=tmp_path)
-    with pytest.raises(ValueError, match="stage=rm trains `model` \\(tiny-opt\\), but reward=tiny-llama.*model="):
-        rm.run(cfg)
+def test_a_stage_trains_the_role_it_reads_and_refuses_one_it_would_ignore():
+    # stage=rm trains the reward model: reward= picks it (model= too)
+    cfg = compose_cfg("stage=rm", "reward=tiny-llama")
+    assert (cfg.model.name, cfg.model.key) == ("tiny-llama", "reward")
+    # step 1 reads no reward model: choosing one stops at compose time, naming what works
+    with pytest.raises(ValueError, match="stage=sft does not use `reward`.*model= / model.path="):
+        compose_cfg("stage=sft", "reward=tiny-llama")
+    with pytest.raises(ValueError, match="stage=rm does not use `actor`"):
+        compose_cfg("stage=rm", "actor.path=/tmp/x")
+    with pytest.raises(ValueError, match="critic.path is read by stage=ppo"):
+        compose_cfg("stage=sft", "critic.path=/tmp/x")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.config import LoraConfig, ModelConfig
+from rlhf.models.load import resolve_family
 from rlhf.models import (
     FAMILIES,
     RewardModel,
@@ -77,7 +78,7 @@ def test_family_lookup_and_errors():
     assert family_for_model_type("llama").name == "llama"
     assert all(FAMILIES[n].needs_remote_code for n in ("pangu", "glm", "chatglm"))
     assert get_family("opt").format_prompt("hi") == "Human: hi\n Assistant:"
-    with pytest.raises(ValueError, match="gpt5.*known families: chatglm, glm, llama, opt, pangu"):
+    with pytest.raises(ValueError, match="gpt5.*known families: chatglm, glm, glm4, llama, opt, pangu"):
         get_family("gpt5")
     with pytest.raises(ValueError, match="'bert'.*opt"):
         family_for_model_type("bert")
@@ -207,12 +208,22 @@ def test_resolve_tiny_uses_demo_corpus(tmp_path):
     assert tok.decode(tok(DEMO)["input_ids"]) == DEMO
 
 
-def test_remote_code_needs_opt_in(tiny):
-    cfg = ModelConfig(name="c", family="chatglm", path=str(tiny["tiny-opt"]))
+def test_remote_code_needs_opt_in(tiny, tmp_path):
+    import json
+    import shutil
+
+    # a checkpoint whose config says it is ChatGLM with custom code (auto_map): nothing may load it
+    # without the explicit opt-in, whatever else it holds
+    d = tmp_path / "chatglm"
+    shutil.copytree(tiny["tiny-opt"], d)
+    config = json.loads((d / "config.json").read_text())
+    config.update(model_type="chatglm", auto_map={"AutoModelForCausalLM": "modeling_chatglm.ChatGLMForCausalLM"})
+    (d / "config.json").write_text(json.dumps(config))
+    cfg = ModelConfig(name="c", family="auto", path=str(d))
     for call in (
         lambda: load_causal_lm(cfg, cfg.path),
         lambda: load_reward_model(cfg, cfg.path),
-        lambda: load_tokenizer(cfg.path, get_family("chatglm")),
+        lambda: load_tokenizer(cfg.path, resolve_family(cfg, cfg.path)),
     ):
         with pytest.raises(ValueError, match=r"`model\.trust_remote_code=true`"):
             call()
@@ -220,7 +231,7 @@ def test_remote_code_needs_opt_in(tiny):
 
 def test_family_mismatch_is_an_error(tiny):
     cfg = model_cfg(tiny["tiny-opt"], "llama")
-    with pytest.raises(ValueError, match="model.family='llama'.*'opt'"):
+    with pytest.raises(ValueError, match="model.family='llama'.*'opt' model \\(family 'opt'\\).*drop model.family"):
         load_causal_lm(cfg, cfg.path)
 
 

@@ -127,15 +127,13 @@ class HybridEngine:
         self.replica = None
 
     def build_replica(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
         from rlhf.models.load import merged_state
 
         module = self.engine.module
         base, _ = merged_state(module)
         config = base.config
         dtype = next(module.parameters()).dtype
-        replica = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        replica = type(base)._from_config(config, dtype=dtype)  # the trained class itself (custom code too)
         replica.config.use_cache = True
         return replica.to(self.device).eval().requires_grad_(False)
 

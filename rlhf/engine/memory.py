@@ -255,16 +255,16 @@ def _hf_config(model_cfg, cache_dir: Optional[str]):
     """The model's transformers config without downloading anything, or None when it cannot be had."""
     from transformers import AutoConfig
 
-    from rlhf.models.families import get_family
+    from rlhf.models.families import planning_family
 
-    family = get_family(model_cfg.family)
+    family = planning_family(model_cfg)
     if model_cfg.init == "tiny":
         from rlhf.models.load import resolve_path
 
         return AutoConfig.from_pretrained(resolve_path(model_cfg, Path(cache_dir or ".cache")))
-    if family.needs_remote_code:
+    if family is not None and family.needs_remote_code:
         return None  # building custom code is not planning: use model.params_b
-    if model_cfg.arch:
+    if model_cfg.arch and family is not None:
         return AutoConfig.for_model(family.model_types[0], **dict(model_cfg.arch))
     local = Path(str(model_cfg.path)).expanduser()
     if (local / "config.json").is_file():
@@ -291,9 +291,10 @@ def _count_meta(config_json: str, targets: Tuple[str, ...]) -> Tuple[int, int, i
 
 def model_shape(model_cfg, cache_dir: Optional[str] = None, lora_targets: Optional[List[str]] = None) -> Shape:
     """Parameter count of ``model_cfg``: ``params_b`` if set, else counted from its architecture."""
-    from rlhf.models.families import get_family
+    from rlhf.models.families import planning_family
 
-    targets = tuple(lora_targets or get_family(model_cfg.family).lora_targets)
+    family = planning_family(model_cfg)
+    targets = tuple(lora_targets or (family.lora_targets if family is not None else ()))
     config = _hf_config(model_cfg, cache_dir)
     if config is None:
         if not model_cfg.params_b:

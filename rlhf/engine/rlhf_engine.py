@@ -69,8 +69,6 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: st
 
     actor_stage = zero.stage if ppo.actor_zero is None else ppo.actor_zero
     critic_stage = zero.stage if ppo.critic_zero is None else ppo.critic_zero
-    init_a = "pretrained" if actor_cfg.init == "tiny" or actor_path != actor_cfg.path else None
-    init_c = "pretrained" if critic_cfg.init == "tiny" or critic_path != critic_cfg.path else None
 
     def spec(lr, wd, steps=total_steps):
         return OptimSpec(lr=lr, weight_decay=wd, betas=[0.9, 0.95], eps=1e-8, scheduler=ppo.scheduler,
@@ -78,7 +76,7 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: st
                          micro_batch_size=ppo.train_batch_size, grad_accum=1, grad_clip=ppo.grad_clip)
 
     # 1. actor: trained, LoRA per ppo.actor_lora, behind the hybrid engine
-    actor = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=ppo.actor_disable_dropout, init=init_a)
+    actor = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=ppo.actor_disable_dropout)
     if ppo.actor_gradient_checkpointing:
         actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     actor_lora = ppo.actor_lora and lora.rank > 0
@@ -98,12 +96,11 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: st
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             ema = EMA(((k, v) for k, v in state.items() if v.is_floating_point()), ppo.ema_beta)
     # 2. reference: frozen SFT copy (sharded with the actor under ZeRO-3, optionally offloaded)
-    ref = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=True, init=init_a)
+    ref = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=True)
     ref = build_eval_engine(ref, zero, hardware, world, stage=actor_stage, offload=ppo.offload_reference and
                             actor_stage == 3, micro_batch_size=ppo.train_batch_size)
     # 3. critic: trained, from the reward model
-    critic = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=ppo.critic_disable_dropout,
-                               init=init_c)
+    critic = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=ppo.critic_disable_dropout)
     if ppo.critic_gradient_checkpointing:
         critic.gradient_checkpointing_enable()
     if ppo.critic_lora and lora.rank > 0:
@@ -112,7 +109,7 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: st
     critic_engine = build_train_engine(critic, lora_param_groups(critic, lora, ppo.critic_lr, ppo.critic_weight_decay),
                                        spec(ppo.critic_lr, ppo.critic_weight_decay), critic_zero, hardware, world)
     # 4. reward: frozen reward model
-    reward = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=True, init=init_c)
+    reward = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=True)
     reward = build_eval_engine(reward, zero, hardware, world, stage=critic_stage, micro_batch_size=ppo.train_batch_size)
     log.info("step-3 models: actor ZeRO-%d%s, reference %s, critic ZeRO-%d%s, reward frozen, EMA %s",
              actor_stage, " + LoRA" if actor_lora else "", "ZeRO-3 sharded" if actor_stage == 3 else "full copy",

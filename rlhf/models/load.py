@@ -5,6 +5,7 @@ tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` loads with no pro
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -15,7 +16,10 @@ import torch
 from torch import nn
 
 from rlhf.config import ModelConfig
-from rlhf.models.families import Family, family_for_model_type, get_family
+from rlhf.models.families import (AUTO, Family, derive_family, family_for_config, get_family, read_config,
+                                  with_lora_targets)
+
+log = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -39,10 +43,10 @@ def resolve_path(model_cfg: ModelConfig, cache_dir: str | Path, key: str = "mode
     whose path was pointed at a directory (e.g. ``actor.path=<step-1 output>``) loads that directory.
     ``key`` names the config group in error messages (model, actor, reward).
     """
-    path = str(model_cfg.path)
-    if model_cfg.init == "tiny" and not Path(path).expanduser().is_dir():
-        from rlhf.models.tiny import build_tiny
+    from rlhf.models.tiny import TINY_SPECS, build_tiny
 
+    path = str(model_cfg.path)
+    if model_cfg.init == "tiny" and path in TINY_SPECS and not Path(path).expanduser().is_dir():
         return str(build_tiny(path, Path(cache_dir) / "models"))
     if model_cfg.init not in ("pretrained", "random", "tiny"):
         raise ValueError(f"{key}.init={model_cfg.init!r}: expected pretrained, random or tiny")
@@ -50,7 +54,7 @@ def resolve_path(model_cfg: ModelConfig, cache_dir: str | Path, key: str = "mode
     if not local.exists():
         if _looks_like_path(path):
             raise FileNotFoundError(f"{key}.path={path!r} does not exist (a local directory was expected)")
-        return path  # hub id, resolved by from_pretrained
+        return path  # hub id, resolved by from_pretrained (a tiny spec name is only looked up with init=tiny)
     if not local.is_dir():
         raise ValueError(f"{key}.path={path!r} is a file; expected an HF model directory with config.json")
     if not (local / "config.json").is_file():
@@ -74,24 +78,98 @@ def resolve_path(model_cfg: ModelConfig, cache_dir: str | Path, key: str = "mode
     )
 
 
+# ---------------------------------------------------------------- family
+
+
+def _hub_config(path: str) -> dict | None:
+    """config.json of a hub id as plain JSON (downloaded or from the HF cache), None when unreachable."""
+    try:
+        from transformers.utils import cached_file
+
+        file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False)
+    except Exception:  # offline, unknown repo, gated: the caller decides what that means
+        return None
+    return read_config(Path(file).parent) if file else None
+
+
+_FAMILY_CACHE: dict = {}
+
+
+def config_key(model_cfg) -> str:
+    """The config key a model was given under (model | actor | reward), for error messages."""
+    return str(getattr(model_cfg, "key", None) or "model")
+
+
+def resolve_family(model_cfg: ModelConfig, path: str | Path) -> Family:
+    """The family of the model at ``path``: from its checkpoint's ``config.json`` (``model_type``,
+    ``auto_map``), never by default.
+
+    A registered family is used as is; a causal LM no family covers gets a derived one (logged in
+    one line). ``<key>.family`` (``auto`` by default) is only needed where no config can be read
+    (``init=random`` from a hub id offline, the planner); set to a registered family it must agree
+    with the checkpoint, or name it for an unregistered ``model_type`` to borrow its handling.
+    """
+    key = config_key(model_cfg)
+    declared = str(model_cfg.family or AUTO)
+    cache_key = (str(path), declared, key)
+    if cache_key in _FAMILY_CACHE:
+        return _FAMILY_CACHE[cache_key]
+    config = read_config(path)
+    if config is None and not _looks_like_path(str(path)) and model_cfg.init != "random":
+        config = _hub_config(str(path))
+    if config is None:
+        if declared == AUTO:
+            raise ValueError(f"{key}.path={str(path)!r}: no config.json could be read to tell the model family; "
+                             f"set {key}.family to one of: {', '.join(FAMILIES_NAMES())}")
+        family = get_family(declared, key)
+    else:
+        found = family_for_config(config)
+        model_type = config.get("model_type")
+        if declared != AUTO:
+            wanted = get_family(declared, key)
+            if found is not None and found.name != wanted.name:
+                raise ValueError(
+                    f"{key}.family={declared!r} but {str(path)!r} is a {model_type!r} model (family {found.name!r}); "
+                    f"the family comes from the checkpoint: drop {key}.family (or set {key}.family={found.name})")
+            if found is None:
+                log.info("%s: model_type %r handled as family %r (%s.family)", key, model_type, wanted.name, key)
+            family = wanted
+        else:
+            family = found or derive_family(config, path, key)
+    _FAMILY_CACHE[cache_key] = family
+    return family
+
+
+def FAMILIES_NAMES() -> list[str]:
+    from rlhf.models.families import FAMILIES
+
+    return sorted(FAMILIES)
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
-def _check_remote_code(family: Family, trust_remote_code: bool, what: str) -> None:
+def _check_remote_code(family: Family, trust_remote_code: bool, what: str, key: str = "model") -> None:
     if family.needs_remote_code and not trust_remote_code:
         raise ValueError(
             f"{what} of family {family.name!r} runs custom code shipped with the checkpoint; "
-            "review it and set `model.trust_remote_code=true` to allow it"
+            f"review it and set `{key}.trust_remote_code=true` to allow it"
         )
 
 
-def load_tokenizer(path: str, family: Family, trust_remote_code: bool = False):
+def load_tokenizer(path: str, family: Family, trust_remote_code: bool = False, key: str = "model"):
     """AutoTokenizer for ``path`` with a pad token (per ``family.pad_from``) and the family's
-    training padding side. An existing pad token is kept."""
+    training padding side. An existing pad token is kept. The family's special tokens (Pangu's
+    ``<sep>``, GLM's ``[gMASK]``) must each be one token."""
     from transformers import AutoTokenizer
 
-    _check_remote_code(family, trust_remote_code, f"the tokenizer at {path!r}")
+    _check_remote_code(family, trust_remote_code, f"the tokenizer at {path!r}", key)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for token in family.special_tokens:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"the tokenizer at {path!r} splits the {family.name} special token {token!r} into "
+                             f"{len(ids)} tokens; a {family.name} tokenizer must keep it whole")
     if tokenizer.pad_token is None:
         order = {"pad": ("eos", "unk"), "eos": ("eos", "unk"), "unk": ("unk", "eos")}[family.pad_from]
         for source in order:
@@ -106,20 +184,6 @@ def load_tokenizer(path: str, family: Family, trust_remote_code: bool = False):
 
 
 # ---------------------------------------------------------------- models
-
-
-def _check_family(family: Family, model_type: str | None, path: str) -> None:
-    """A checkpoint whose model_type belongs to another known family is a config mistake."""
-    if not model_type or model_type in family.model_types:
-        return
-    try:
-        other = family_for_model_type(model_type)
-    except ValueError:
-        return  # an unlisted variant: trust model.family
-    raise ValueError(
-        f"model.family={family.name!r} but {path!r} is a {model_type!r} model (family {other.name!r}); "
-        f"set model.family={other.name}"
-    )
 
 
 def _zero_dropout_config(config) -> None:
@@ -145,34 +209,42 @@ def load_config(model_cfg: ModelConfig, path: str, *, disable_dropout: bool = Fa
     ``model.arch``. Used by both causal-LM and reward-model loading."""
     from transformers import AutoConfig
 
-    family = get_family(model_cfg.family)
-    init = init or model_cfg.init
-    _check_remote_code(family, model_cfg.trust_remote_code, f"model {path!r}")
+    family = resolve_family(model_cfg, path)
+    key = config_key(model_cfg)
+    init = init or effective_init(model_cfg, path)
+    _check_remote_code(family, model_cfg.trust_remote_code, f"model {path!r}", key)
     if init == "random" and not Path(path).is_dir():
         if not model_cfg.arch:
             raise ValueError(
-                f"model.init=random for hub id {path!r} needs model.arch (HF config kwargs) to build the "
+                f"{key}.init=random for hub id {path!r} needs {key}.arch (HF config kwargs) to build the "
                 "real shape offline"
             )
         if family.needs_remote_code:
             raise ValueError(
-                f"model.init=random for family {family.name!r} needs a local directory with its config and "
+                f"{key}.init=random for family {family.name!r} needs a local directory with its config and "
                 "custom code in model.path (transformers has no built-in config class for it)"
             )
         config = AutoConfig.for_model(family.model_types[0], **dict(model_cfg.arch))
     else:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
         if init == "random" and model_cfg.arch:
-            for key, value in dict(model_cfg.arch).items():
-                setattr(config, key, value)
-    _check_family(family, getattr(config, "model_type", None), path)
+            for name, value in dict(model_cfg.arch).items():
+                setattr(config, name, value)
     if disable_dropout:
         _zero_dropout_config(config)
     return config
 
 
+def effective_init(model_cfg: ModelConfig, path: str | Path) -> str:
+    """How to build the model at ``path``: the embedded tiny models and every directory other than
+    ``<key>.path`` itself (a step's output) load their weights; otherwise ``<key>.init``."""
+    if model_cfg.init == "tiny" or str(path) != str(model_cfg.path):
+        return "pretrained"
+    return str(model_cfg.init)
+
+
 def _load(auto_cls, model_cfg: ModelConfig, path: str, dtype: torch.dtype, disable_dropout: bool, init: str | None):
-    init = init or model_cfg.init
+    init = init or effective_init(model_cfg, path)
     config = load_config(model_cfg, path, disable_dropout=disable_dropout, init=init)
     if init == "random":
         model = auto_cls.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
@@ -309,3 +381,22 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return total, trainable
+
+
+def describe_saved(model_dir: str | Path) -> dict:
+    """``model_type``, class and parameter count of a saved HF directory, from its config.json and
+    the safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    config = read_config(d) or {}
+    total = 0
+    for file in sorted(d.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                n = 1
+                for dim in f.get_slice(name).get_shape():
+                    n *= int(dim)
+                total += n
+    return {"model_type": config.get("model_type"), "architecture": (config.get("architectures") or [None])[0],
+            "saved_params": total}

@@ -112,15 +112,16 @@ def load_reward_model(
     seed, normal with std 1/sqrt(hidden+1)). Same loading rules as ``load_causal_lm``."""
     from transformers import AutoModel
 
-    from rlhf.models.load import _load
+    from rlhf.models.load import _load, effective_init
 
+    init = init or effective_init(model_cfg, path)
     base = _load(AutoModel, model_cfg, path, dtype, disable_dropout, init)
     pad = base.config.pad_token_id
     if pad is None:
         pad = base.config.eos_token_id if isinstance(base.config.eos_token_id, int) else 0
     model = RewardModel(base, pad)
     head = Path(path) / VALUE_HEAD_FILE
-    if (init or model_cfg.init) != "random" and head.is_file():
+    if init != "random" and head.is_file():
         from safetensors.torch import load_file
 
         state = load_file(str(head))

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf.engine.checkpoint import Checkpointer, resolve_resume
 from rlhf.engine.setup import (OptimSpec, barrier, device_for, dtype_for, gathered, init_distributed,
                                seed_everything)
-from rlhf.models.families import Family, get_family
+from rlhf.models.families import Family
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,14 @@ def checkpointing(ctx: Context, engines: Dict[str, Any], extra_state=None):
 
 
 def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Write summary.json: the stage's metrics, wall time, and the model really trained (its name,
+    ``model_type``, class and parameter count, read back from the saved directory)."""
+    from rlhf.models.load import describe_saved
+
     metrics = dict(metrics, wall_time_s=time.perf_counter() - ctx.t0, world_size=ctx.world)
+    metrics.setdefault("model", str(ctx.cfg.model.name))
+    if metrics.get("model_dir") and Path(metrics["model_dir"], "config.json").is_file():
+        metrics.update(describe_saved(metrics["model_dir"]))
     out = ctx.tracker.summary(metrics)
     ctx.tracker.close()
     barrier()
@@ -105,15 +112,20 @@ def model_path(ctx: Context, init_from: Optional[str], model_cfg=None) -> str:
     return resolve_path(model_cfg or ctx.cfg.model, ctx.cache_dir)
 
 
-def family(ctx: Context, model_cfg=None) -> Family:
-    return get_family((model_cfg or ctx.cfg.model).family)
+def family(ctx: Context, path: str, model_cfg=None) -> Family:
+    """The family of the checkpoint at ``path`` (from its config.json; see ``resolve_family``)."""
+    from rlhf.models.load import resolve_family
+
+    return resolve_family(model_cfg or ctx.cfg.model, path)
 
 
 def load_tokenizer(ctx: Context, path: str, model_cfg=None):
+    from rlhf.models.load import config_key
     from rlhf.models.load import load_tokenizer as _load
 
     model_cfg = model_cfg or ctx.cfg.model
-    return _load(path, family(ctx, model_cfg), trust_remote_code=model_cfg.trust_remote_code)
+    return _load(path, family(ctx, path, model_cfg), trust_remote_code=model_cfg.trust_remote_code,
+                 key=config_key(model_cfg))
 
 
 def load_policy(ctx: Context, path: str, *, disable_dropout: bool, gradient_checkpointing: bool,
@@ -124,13 +136,12 @@ def load_policy(ctx: Context, path: str, *, disable_dropout: bool, gradient_chec
     from rlhf.models.lora import apply_lora
 
     model_cfg = model_cfg or ctx.cfg.model
-    init = "pretrained" if model_cfg.init == "tiny" or path != model_cfg.path else None
-    model = load_causal_lm(model_cfg, path, dtype=ctx.dtype, disable_dropout=disable_dropout, init=init)
+    model = load_causal_lm(model_cfg, path, dtype=ctx.dtype, disable_dropout=disable_dropout)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora and ctx.cfg.lora.rank > 0:
-        model = apply_lora(model, ctx.cfg.lora, family(ctx, model_cfg))
+        model = apply_lora(model, ctx.cfg.lora, family(ctx, path, model_cfg))
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model

@@ -150,8 +150,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.engine.rlhf_engine import build_rlhf_engine
     from rlhf.engine.setup import all_reduce_mean, barrier
     from rlhf.engine.trainer import make_loader
-    from rlhf.models.families import get_family
-    from rlhf.models.load import count_params, resolve_path, save_hf
+    from rlhf.models.load import count_params, resolve_family, resolve_path, save_hf
     from rlhf.models.reward import save_reward_model
 
     c = cfg.ppo
@@ -173,8 +172,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     critic_path = cfg.critic.path or resolve_path(cfg.reward, ctx.cache_dir, key="reward")
     if not Path(critic_path).exists() and cfg.critic.path:
         raise FileNotFoundError(f"critic.path={cfg.critic.path}: no such directory (a step-2 model dir)")
-    actor_family, critic_family = get_family(cfg.actor.family), get_family(cfg.reward.family)
-    tokenizer = common.load_tokenizer(ctx, actor_path)
+    actor_family, critic_family = resolve_family(cfg.actor, actor_path), resolve_family(cfg.reward, critic_path)
+    tokenizer = common.load_tokenizer(ctx, actor_path, model_cfg=cfg.actor)
     # 2. data: prompts (left padded) and optional PTX text
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
     train_rows, _ = build_step_data(cfg.data, 3, ctx.cache_dir, int(cfg.seed))

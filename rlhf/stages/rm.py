@@ -52,33 +52,28 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.models.reward import load_reward_model, save_reward_model
 
     sec = cfg.rm
-    if cfg.reward.name != cfg.model.name:  # reward=X on its own would be ignored here
-        raise ValueError(f"stage=rm trains `model` ({cfg.model.name}), but reward={cfg.reward.name} was chosen: "
-                         f"for a standalone step 2 pick the model with model=... / model.path=... "
-                         f"(reward=... picks the step-2 model in stage=pipeline)")
     # 1. start
     ctx = common.start(cfg, "rm", run_dir)
     # 2. data
     path = common.model_path(ctx, sec.init_from)
     tokenizer = common.load_tokenizer(ctx, path)
-    if tokenizer.padding_side != "right":
-        raise ValueError(f"the reward model reads scores with right padding; family '{cfg.model.family}' "
-                         f"pads on the {tokenizer.padding_side}")
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
     data_stats: dict = {}
     train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed), data_stats)
     train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload,
                                            key="rm.max_seq_len")
     eval_ds, _ = tokenize_pairs(eval_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
-    collate = PairCollator(tokenizer.pad_token_id, tokenizer.padding_side)
+    # Pairs are right-padded whatever the family pads with: chosen and rejected then share their
+    # prompt positions (the divergent loss compares them token by token), and in a causal model
+    # padding after the last real token cannot change the score read there.
+    collate = PairCollator(tokenizer.pad_token_id, "right")
     loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "rm", train_ds, eval_ds, collate)
     # 3. model and engine
-    init = "pretrained" if cfg.model.init == "tiny" or path != cfg.model.path else None
-    model = load_reward_model(cfg.model, path, dtype=ctx.dtype, disable_dropout=sec.disable_dropout, init=init)
+    model = load_reward_model(cfg.model, path, dtype=ctx.dtype, disable_dropout=sec.disable_dropout)
     if sec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora.rank > 0:
-        model.base = apply_lora(model.base, cfg.lora, common.family(ctx))
+        model.base = apply_lora(model.base, cfg.lora, common.family(ctx, path))
     engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
 
     def step_fn(batch):
