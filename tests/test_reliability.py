@@ -367,3 +367,16 @@ def test_the_exported_model_dir_has_the_usual_permissions(done_run):
     umask = os.umask(0)
     os.umask(umask)
     assert (done_run / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_full_disk_says_so(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs permission to mount a small tmpfs")
+    try:
+        with pytest.raises(OSError, match="No space left on device while writing a checkpoint in .*disk/run/checkpoints"):
+            sft("sft.max_steps=2", "zero=0", run_dir=disk / "run")
+        assert not list((disk / "run" / "checkpoints").iterdir())  # the half-written one is removed
+    finally:
+        subprocess.run(["umount", str(disk)])

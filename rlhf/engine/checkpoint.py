@@ -188,6 +188,17 @@ class Checkpointer:
         return self.save(step, loop_state) if self.due(step) else None
 
     def save(self, step: int, loop_state: Dict[str, Any]) -> Path:
+        tmp = self.root / f".tmp-{PREFIX}{step:08d}"
+        try:
+            return self._save(step, loop_state)
+        except (OSError, RuntimeError) as e:
+            better = write_error(e, self.root)
+            if better is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise better from e
+
+    def _save(self, step: int, loop_state: Dict[str, Any]) -> Path:
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f".tmp-{PREFIX}{step:08d}"
         if _rank() == 0:
@@ -263,6 +274,24 @@ class Checkpointer:
             self.tracker.truncate(meta["step"], meta.get("metrics_rows"))
         log.info("resumed from %s (step %d)", path, meta["step"])
         return meta
+
+
+def write_error(err: BaseException, where: Path, min_free: int = 64 * 2**20) -> Optional[OSError]:
+    """A full disk surfaces from torch's zip writer as "unexpected pos" / "file write failed":
+    an ``OSError(ENOSPC)`` that says so and names the directory (None when the disk is not full)."""
+    import errno
+
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    enospc = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    if not enospc and free >= min_free:
+        return None
+    return OSError(errno.ENOSPC, f"No space left on device while writing a checkpoint in {where} "
+                                 f"({free / 2**20:.1f} MiB free; {type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                                 "The previous checkpoint is kept; free space or lower checkpoint.keep_last, "
+                                 "then resume with resume=auto")
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
