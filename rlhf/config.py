@@ -295,8 +295,14 @@ class Config:
 
 
 def register() -> None:
+    from omegaconf import OmegaConf
+
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)  # config.yaml lists it first: every group is typed
+    # conf/config.yaml: with run_dir set, Hydra's own files (run.log) go there, not to outputs/
+    if not OmegaConf.has_resolver("run_dir_or"):
+        OmegaConf.register_new_resolver("run_dir_or", lambda run_dir, default: run_dir or default)
+        OmegaConf.register_new_resolver("hydra_subdir", lambda run_dir: None if run_dir else ".hydra")
 
 
 # Groups whose option names are numbers ("zero=2"): Hydra's override grammar would read the value

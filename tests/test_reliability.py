@@ -320,6 +320,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
     out = subprocess.run([*args, "resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
+    assert "stage sft: 1 rank(s)" in (tmp_path / "run.log").read_text()  # Hydra's log is in run_dir
 
 
 # ---------------------------------------------------------------- two ranks
@@ -380,3 +381,16 @@ def test_a_full_disk_says_so(tmp_path):
         assert not list((disk / "run" / "checkpoints").iterdir())  # the half-written one is removed
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_hydra_writes_its_log_into_run_dir_when_set():
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    setup_globals()  # Hydra's own resolvers (now)
+    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "config.yaml").hydra, resolve=False)
+    hydra = OmegaConf.create({"run_dir": "/runs/a", "stage": {"name": "sft"}, "model": {"name": "m"},
+                              "run": conf["run"], "sub": conf["output_subdir"]})
+    assert hydra.run.dir == "/runs/a" and hydra.sub is None
+    hydra.run_dir = ""
+    assert hydra.run.dir.startswith("outputs/sft/m/") and hydra.sub == ".hydra"
