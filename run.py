@@ -22,10 +22,13 @@ def resolve(cfg: DictConfig) -> DictConfig:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from rlhf.config import resolve_models
+    from rlhf.config import resolve_models, validate
+    from rlhf.console import quiet_libraries
 
+    quiet_libraries(str(cfg.hardware.accelerator))
     hc = HydraConfig.get()
     resolve_models(cfg, list(hc.overrides.task), dict(hc.runtime.choices))
+    validate(cfg)  # every choice and cross-field rule, before anything loads or launches
     out = Path(hc.runtime.output_dir)
     if not cfg.run_dir and hc.mode == RunMode.RUN and out.parent.name != cfg.model.name \
             and out.parent.parent.name == str(cfg.stage.name):

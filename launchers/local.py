@@ -108,9 +108,11 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
             held = claim(cfg, run_dir)
         if task is not None:  # one task of a Slurm job (hydra/launcher=submitit_slurm): this process is a rank
             return _run_as_slurm_rank(cfg, run_dir, task)
+        _preflight(cfg)
         return _start(cfg, run_dir, isolate=multirun and cfg.launch.isolate_jobs)
     except Exception as err:
         if not multirun:
+            _stop_if_refused(err)
             raise
         log.error("job failed; the sweep goes on: %s", err)
         from rlhf.engine.rundir import RunDirInUse, RunDirTaken
@@ -125,6 +127,31 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
             from rlhf.engine.rundir import release
 
             release(run_dir)
+
+
+def _preflight(cfg: DictConfig) -> None:
+    """Accelerator, critic and memory checks, once, here (rlhf/engine/preflight.py); a dry run skips the
+    accelerator check (it starts nothing) and prints the memory plan above the command."""
+    from rlhf.engine.preflight import preflight
+
+    preflight(cfg, accelerator=not cfg.launch.dry_run)
+    if cfg.launch.dry_run and cfg.stage.name != "plan":
+        from rlhf.engine.memory import UnknownSize, format_plan, make_plan
+
+        try:
+            print(format_plan(make_plan(cfg)))
+        except UnknownSize as err:
+            print(f"(no memory plan: {err})")
+
+
+def _stop_if_refused(err: BaseException) -> None:
+    """A preflight refusal of a single run ends the program with its one line (no traceback)."""
+    from rlhf.engine.memory import DoesNotFit
+    from rlhf.engine.preflight import PreflightError
+
+    if isinstance(err, (PreflightError, DoesNotFit)):
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _start(cfg: DictConfig, run_dir: Path, isolate: bool) -> Dict[str, Any]:
@@ -296,6 +323,9 @@ def worker_main(config_path: str) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_path))
+    from rlhf.console import quiet_libraries
+
+    quiet_libraries(str(cfg.hardware.accelerator))
     try:
         return run_stage(cfg)
     except Exception as err:

@@ -56,6 +56,13 @@ class ZeroConfig:
     stage3_max_live_parameters: int = 1_000_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 10_000
+    zero_init: bool = True  # stage 3: build models already sharded (deepspeed.zero.Init): no rank holds a whole model
+    # ZeRO++ (stage 3): int8 weight all-gathers (qwZ), a secondary weight partition within this many ranks
+    # (hpZ, 1 = off; usually the GPUs of a node), int8 gradient reduce-scatter (qgZ)
+    zero_quantized_weights: bool = False
+    zero_hpz_partition_size: int = 1
+    zero_quantized_gradients: bool = False
+    zero_quantized_nontrainable_weights: bool = False  # MixZ++: frozen (non-LoRA) weights held and gathered in int8
 
 
 @dataclass
@@ -66,7 +73,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=list)  # empty = the family's default
     only_optimize_lora: bool = False  # freeze everything but the adapters
-    lr: float = 5e-4  # learning rate of the adapter weights (DeepSpeed-Chat lora_learning_rate)
+    lr: Optional[float] = None  # adapter learning rate; None = the role's own (sft.lr, ppo.actor_lr, ...); DS-Chat 5e-4
 
 
 @dataclass
@@ -134,12 +141,18 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class RMConfig(TrainConfig):
+    lr: float = 5e-5  # DeepSpeed-Chat step 2
+    weight_decay: float = 0.1  # DeepSpeed-Chat's OPT-350m reward recipe
+    disable_dropout: bool = True  # reward models train without dropout
     init_from: Optional[str] = None  # start from an HF directory (e.g. a step-1 output)
     loss_mode: str = "divergent"  # divergent (DeepSpeed-Chat) | last (final score only)
 
 
 @dataclass
 class DPOConfig(TrainConfig):
+    lr: float = 1e-6  # small: the policy starts from a good SFT model
+    micro_batch_size: int = 8  # pairs per rank and step
+    disable_dropout: bool = True  # deterministic log-probs for policy and reference
     init_from: Optional[str] = None  # start from this HF directory instead of actor.path
     beta: float = 0.1  # implicit reward scale: beta * (logp - logp_ref)
     loss: str = "sigmoid"  # key of rlhf.algos.dpo.DPO_LOSSES
@@ -194,6 +207,7 @@ class PPOConfig:
     actor_lora: bool = True  # apply lora.* to the actor
     critic_lora: bool = False
     hybrid_gather: str = "once"  # once | per_layer
+    allow_untrained_critic: bool = False  # accept a critic/reward dir without a trained value head (real models)
     eval_every: int = 0
     log_every: int = 1
 
@@ -262,8 +276,9 @@ class LaunchConfig:
 class PlanConfig:
     """The memory planner (rlhf/engine/memory.py): stage=plan and the check every stage runs."""
 
-    memory_fraction: float = 0.9  # share of GPU/host memory model states may use (rest: activations)
+    memory_fraction: float = 0.9  # share of GPU/host memory the estimate may use (rest: fragmentation, CUDA context)
     check: bool = True  # training stages stop at start when the setting cannot fit
+    stage: Optional[str] = None  # stage=plan: plan this stage's steps (sft | rm | ppo | dpo | pipeline); null = steps 1-3
 
 
 @dataclass
@@ -288,6 +303,8 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 1234
+    optimized_metric: str = "objective"  # summary.json key sweeps optimise (Optuna, best.json); objective = the stage's default
+    anomaly: bool = False  # torch autograd anomaly detection: names the op that made a NaN/inf (slow; debug=anomaly)
     resume: Optional[str] = None  # auto | <checkpoint path>
     run_dir: str = ""  # "" = Hydra's output dir for this job
     run_dir_mode: str = "new"  # new (refuse a run_dir holding another run) | overwrite (move the old run aside)
@@ -326,14 +343,6 @@ def quote_numeric_choices(overrides: List[str]) -> List[str]:
 # ---------------------------------------------------------------- which model each stage trains
 
 ROLE_GROUPS = ("actor", "reward")  # per-role model groups; each follows `model` unless chosen or set
-
-# The model roles each stage reads ("model" is the stage's own model after resolve_models).
-# A role a stage does not read may not be chosen or set: the run stops naming the key that works.
-STAGE_ROLES: Dict[str, tuple] = {
-    "sft": ("actor",), "pretrain": ("actor",), "eval": ("actor",), "chat": ("actor",), "dpo": ("actor",),
-    "rm": ("reward",), "ppo": ("actor", "reward"), "plan": ("actor", "reward"), "pipeline": ("actor", "reward"),
-}
-
 
 def _norm(s: str) -> str:
     return "".join(ch for ch in str(s).lower() if ch.isalnum())
@@ -432,7 +441,11 @@ def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
             if f"{role}.path" in keys:
                 _adopt_path(cfg[role], own(role))
                 cfg[role].key = role
-        used = STAGE_ROLES.get(stage, ("actor",))
+        if "critic.path" in keys and "family" not in own("reward"):
+            cfg.reward.family = "auto"  # the critic/reward checkpoint given says what it is
+        from rlhf.stages import STAGES
+
+        used = STAGES[stage].roles if stage in STAGES else ("actor",)
         if stage == "pipeline" and cfg.pipeline.algo == "dpo":
             used = ("actor",)
         for role in ROLE_GROUPS:
@@ -445,3 +458,83 @@ def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
         primary = "reward" if used == ("reward",) else "actor"
         cfg.model = copy.deepcopy(cfg[primary])
     return cfg
+
+
+# ---------------------------------------------------------------- validation, once, in the parent
+
+# key -> the values it takes (registries are checked against the registry itself, below)
+CHOICES: Dict[str, tuple] = {
+    "model.init": ("pretrained", "random", "tiny"), "model.dtype": ("auto", "fp32", "fp16", "bf16"),
+    "actor.init": ("pretrained", "random", "tiny"), "reward.init": ("pretrained", "random", "tiny"),
+    "hardware.accelerator": ("cpu", "cuda"), "hardware.precision": ("fp32", "fp16", "bf16"),
+    "hardware.backend": ("gloo", "nccl"), "hardware.launcher": ("local", "deepspeed", "slurm"),
+    "zero.stage": (0, 1, 2, 3), "logger.mode": ("auto", "online", "offline", "disabled"),
+    "sft.scheduler": ("cosine", "linear", "constant"), "rm.scheduler": ("cosine", "linear", "constant"),
+    "dpo.scheduler": ("cosine", "linear", "constant"), "ppo.scheduler": ("cosine", "linear", "constant"),
+    "rm.loss_mode": ("divergent", "last"), "ppo.reward_baseline": ("none", "group"),
+    "ppo.hybrid_gather": ("once", "per_layer"), "pipeline.algo": ("ppo", "dpo"),
+}
+# keys that must be >= 1 / >= 0
+AT_LEAST_ONE = ("sft.epochs", "rm.epochs", "dpo.epochs", "ppo.epochs", "sft.grad_accum", "rm.grad_accum",
+                "dpo.grad_accum", "sft.micro_batch_size", "rm.micro_batch_size", "dpo.micro_batch_size",
+                "sft.max_seq_len", "rm.max_seq_len", "dpo.max_seq_len", "ppo.max_answer_len", "ppo.max_prompt_len",
+                "ppo.generation_batch_size", "ppo.train_batch_size", "ppo.samples_per_prompt", "ppo.ppo_epochs",
+                "ppo.generation_batches", "hardware.nodes", "hardware.procs_per_node")
+AT_LEAST_ZERO = ("sft.max_steps", "rm.max_steps", "dpo.max_steps", "ppo.max_steps", "checkpoint.every_n_steps",
+                 "checkpoint.every_minutes", "checkpoint.keep_last", "sft.warmup_steps", "rm.warmup_steps",
+                 "dpo.warmup_steps", "ppo.warmup_steps", "data.heldout_prompts", "data.heldout_samples")
+
+
+def _rules(cfg) -> List[str]:
+    """Cross-field rules, each a message naming the keys (empty when all hold)."""
+    errors = []
+    z, p = cfg.zero, cfg.ppo
+    if z.offload_param and int(z.stage) != 3:
+        errors.append("zero.offload_param=true needs zero.stage=3 (only ZeRO-3 offloads parameters)")
+    if z.offload_optimizer and int(z.stage) < 1:
+        errors.append("zero.offload_optimizer=true needs zero.stage >= 1")
+    if p.reward_baseline == "group" and p.samples_per_prompt < 2:
+        errors.append("ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2 (the baseline is the mean score "
+                      "of a prompt's other answers)")
+    rows = p.generation_batch_size * p.samples_per_prompt
+    if p.train_batch_size >= 1 and rows % p.train_batch_size:
+        errors.append(f"ppo.generation_batch_size={p.generation_batch_size} x ppo.samples_per_prompt="
+                      f"{p.samples_per_prompt} = {rows} answers per rollout is not a multiple of "
+                      f"ppo.train_batch_size={p.train_batch_size}: each rollout must split into whole mini-batches")
+    steps = list(cfg.pipeline.steps)
+    if not steps or any(s not in (1, 2, 3) for s in steps):
+        errors.append(f"pipeline.steps must be a non-empty subset of [1, 2, 3], got {steps}")
+    if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":
+        errors.append(f"hardware.backend={cfg.hardware.backend} needs GPUs; the CPU runs on gloo")
+    return errors
+
+
+def validate(cfg) -> None:
+    """Every choice, registry key and cross-field rule of a composed config, checked in the parent
+    before anything is loaded or launched. Raises one ValueError listing every problem, each naming
+    its key."""
+    from omegaconf import OmegaConf
+
+    errors = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            errors.append(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+    for key in AT_LEAST_ONE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            errors.append(f"{key}={value}: must be >= 1")
+    for key in AT_LEAST_ZERO:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 0:
+            errors.append(f"{key}={value}: must be >= 0")
+    from rlhf.algos.dpo import DPO_LOSSES
+    from rlhf.stages import STAGES
+
+    if cfg.stage.name not in STAGES:
+        errors.append(f"stage.name={cfg.stage.name!r}: not a stage; known: {', '.join(sorted(STAGES))}")
+    if cfg.dpo.loss not in DPO_LOSSES:
+        errors.append(f"dpo.loss={cfg.dpo.loss!r}: not a DPO loss; known: {', '.join(sorted(DPO_LOSSES))}")
+    errors += _rules(cfg)
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))

@@ -1,6 +1,6 @@
 """Collect a multirun into the benchmark table it reproduces: table.md, table.csv, table.png.
 
-    python sweeps/collect.py <multirun dir> [--table auto|zero_offload|lora_rank|dschat_e2e|generic]
+    python sweeps/collect.py <multirun dir> [--table auto|zero_offload|lora_rank|dschat_e2e|largest_model|generic]
 
 Also runs by itself at the end of every multirun (``CollectTables``, the Hydra callback registered
 under ``hydra.callbacks.collect`` in conf/config.yaml). Every job directory under the sweep dir holds
@@ -13,6 +13,7 @@ sweeps/expected/ for the numbers they reported):
 - ``lora_rank``: LoRA rank (and ZeRO setting) -> trainable params, batch, GPU memory, s/sample,
   minutes/epoch;
 - ``dschat_e2e``: one row per model and hardware, hours for steps 1, 2, 3 and the total;
+- ``largest_model``: one row per hardware profile, the largest actor the planner fits (``stage=plan`` jobs);
 - ``generic`` (hyperparameter searches, ad-hoc ``-m`` runs): the swept overrides -> status,
   objective, throughput, memory.
 
@@ -42,7 +43,11 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 EPOCH_SIZE_KEYS = ("train_rows", "train_pairs", "prompts", "train_prompts")  # summary.json: samples per epoch
-STEP_OF_STAGE = {"sft": 1, "rm": 2, "ppo": 3, "dpo": 3}  # DeepSpeed-Chat step of each stage (dschat_e2e)
+def _step_of_stage() -> Dict[str, int]:
+    """DeepSpeed-Chat step of each training stage (dschat_e2e), from the stage registry."""
+    from rlhf.stages import STAGES
+
+    return {name: st.step for name, st in STAGES.items() if st.step is not None}
 
 
 # ---------------------------------------------------------------- jobs
@@ -150,10 +155,10 @@ def step_summaries(job: Job) -> Dict[int, Tuple[str, Optional[Dict[str, Any]]]]:
     """DeepSpeed-Chat step -> (stage, summary) of a job; a pipeline job holds one per step it ran."""
     steps = (job.summary or {}).get("steps")
     if isinstance(steps, dict):
-        return {STEP_OF_STAGE[name]: (name, sub) for name, sub in steps.items() if name in STEP_OF_STAGE}
+        return {_step_of_stage()[name]: (name, sub) for name, sub in steps.items() if name in _step_of_stage()}
     stage = str(job.get("stage.name"))
-    if stage in STEP_OF_STAGE:
-        return {STEP_OF_STAGE[stage]: (stage, job.summary)}
+    if stage in _step_of_stage():
+        return {_step_of_stage()[stage]: (stage, job.summary)}
     if stage == "pipeline":  # failed before any step reported: every step it was to run
         names = {1: "sft", 2: "rm", 3: str(job.get("pipeline.algo", "ppo"))}
         return {n: (names[n], None) for n in job.get("pipeline.steps", [1, 2, 3]) if n in names}
@@ -294,10 +299,35 @@ def dschat_e2e_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
     return header, out
 
 
+def largest_model_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
+    """DeepSpeed-Chat's largest-actor table from ``stage=plan`` jobs (one per hardware x model): per hardware
+    profile, the largest actor whose plan fits under some setting without parameter offload (the table's
+    rule), and the setting that does it."""
+    header = ["hardware", "GPUs", "GPU GB", "largest actor", "params B", "setting", "largest that does not fit"]
+    best: Dict[str, Dict[str, Any]] = {}
+    for job in jobs:
+        hw, summary = job.get("hardware.name"), job.summary or {}
+        params = ((summary.get("models") or {}).get("actor") or {}).get("params", 0)
+        rows = [r for r in summary.get("rows", []) if r.get("fits") and "offload_param" not in r["setting"]
+                and r["setting"] != "zero=3-offload"]
+        cell = best.setdefault(hw, {"gpus": gpus(job), "gb": job.get("hardware.gpu_memory_gb"), "fit": None,
+                                    "miss": None})
+        if rows and (cell["fit"] is None or params > cell["fit"][1]):
+            cell["fit"] = (job.get("actor.name"), params, rows[0]["setting"])
+        if not rows and job.ok and (cell["miss"] is None or params < cell["miss"][1]):
+            cell["miss"] = (job.get("actor.name"), params)
+    out = []
+    for hw, c in sorted(best.items(), key=lambda kv: ((kv[1]["gpus"] or 0), kv[1]["gb"] or 0)):
+        name, params, setting = c["fit"] or ("none", 0, "")
+        out.append([hw, c["gpus"], c["gb"], name, round(params / 1e9, 2), setting, (c["miss"] or ("",))[0]])
+    return header, out
+
+
 TABLES: Dict[str, Optional[List[Column]]] = {
     "zero_offload": ZERO_OFFLOAD,
     "lora_rank": LORA_RANK,
     "dschat_e2e": None,  # a pivot (rows per setup), not one row per job
+    "largest_model": None,  # a pivot (rows per hardware) of stage=plan jobs
     "generic": None,  # columns depend on what was swept
 }
 
@@ -305,6 +335,8 @@ TABLES: Dict[str, Optional[List[Column]]] = {
 def table_rows(name: str, jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
     if name == "dschat_e2e":
         return dschat_e2e_rows(jobs)
+    if name == "largest_model":
+        return largest_model_rows(jobs)
     columns = TABLES.get(name) or generic_columns(jobs)
     return [h for h, _ in columns], [[fn(j) for _, fn in columns] for j in jobs]
 
@@ -360,6 +392,9 @@ def write_plot(path: Path, title: str, header: List[str], rows: List[List[Any]],
 
     if name == "dschat_e2e":
         panels = [("hours per step", [h for h in header if h.startswith("step")])]
+        labels = [str(r[0]) for r in rows]
+    elif name == "largest_model":
+        panels = [("largest actor (B params)", ["params B"])]
         labels = [str(r[0]) for r in rows]
     else:
         wanted = ["s/sample", "GPU mem GB", "host mem GB", "objective", "trainable params"]

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from omegaconf import open_dict
 
-from rlhf.config import quote_numeric_choices, register, resolve_models
+from rlhf.config import quote_numeric_choices, register, resolve_models, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -25,6 +25,7 @@ def compose_cfg(*overrides: str, run_dir: str | Path | None = None, cache_dir: s
     with open_dict(full):
         del full["hydra"]
     cfg = resolve_models(full, overrides, choices)
+    validate(cfg)
     if run_dir is not None:
         cfg.run_dir = str(run_dir)
     cfg.cache_dir = str(cache_dir or shared_cache())

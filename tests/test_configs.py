@@ -19,8 +19,9 @@ GROUPS = ["model", "stage", "hardware", "zero", "lora", "data", "logger", "debug
 
 
 def options(group: str) -> list[str]:
+    """Every option of a group, including those in subfolders (experiment=dschat/opt-13b-dgx8)."""
     d = CONF / group
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.exists() else []
+    return sorted(p.relative_to(d).with_suffix("").as_posix() for p in d.rglob("*.yaml")) if d.exists() else []
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -31,6 +32,21 @@ def test_every_group_option_composes(group, option):
         assert cfg[group].name == option
     if group == "stage":
         assert cfg.stage.name == option
+
+
+def test_experiment_presets_override_groups_and_globals():
+    cfg = compose_cfg("experiment=dschat/opt-1.3b-a6000")
+    assert (cfg.actor.name, cfg.reward.name, cfg.hardware.name, cfg.lora.rank) == ("opt-1.3b", "opt-350m", "a6000", 128)
+    assert cfg.lora.only_optimize_lora and cfg.sft.grad_accum == 8 and cfg.stage.name == "pipeline"
+    cfg = compose_cfg("experiment=dschat/opt-13b-dgx8")
+    assert (cfg.actor.name, cfg.reward.name, cfg.zero.stage, cfg.data.name) == ("opt-13b", "opt-350m", 3, "blend-dschat")
+    assert len(cfg.data.sources) == 6
+    mixz = compose_cfg("experiment=dschat/llama2-70b-mixz").zero
+    assert mixz.zero_quantized_nontrainable_weights and mixz.zero_hpz_partition_size == 8
+    # _self_ comes first in config.yaml: a preset's global (here a group file's) beats the file's own default
+    assert compose_cfg("seed=7").seed == 7
+    # the command line still wins over a preset
+    assert compose_cfg("experiment=dschat/opt-13b-dgx8", "reward=opt-1.3b").reward.name == "opt-1.3b"
 
 
 def test_zero_options_map_to_stage_and_offload():
@@ -73,14 +89,14 @@ def test_unknown_group_option_fails_naming_it():
 
 def test_yaml_typo_in_a_group_file_is_caught(tmp_path):
     """A key that is not in the schema, written in a group file, fails at compose time."""
-    bad = CONF / "debug" / "_typo_test.yaml"
-    bad.write_text("# @package _global_\nsft:\n  learning_rate: 0.1\n")
-    try:
-        with pytest.raises(ConfigCompositionException) as err:
-            compose_cfg("debug=_typo_test")
-        assert "learning_rate" in str(err.value) + str(err.value.__cause__)
-    finally:
-        bad.unlink()
+    # the file lives in a directory of the test's own, added to Hydra's search path: nothing is
+    # written into conf/
+    (tmp_path / "debug").mkdir()
+    (tmp_path / "debug" / "_typo_test.yaml").write_text("# @package _global_\nsft:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(f"hydra.searchpath=[file://{tmp_path}]", "debug=_typo_test")
+    assert "learning_rate" in str(err.value) + str(err.value.__cause__)
+    assert not (CONF / "debug" / "_typo_test.yaml").exists()
 
 
 def _keys_with_values(text: str) -> list[str]:
@@ -124,3 +140,36 @@ def test_cli_typo_fails_naming_key():
                          text=True, timeout=120)
     assert out.returncode != 0
     assert "sft.epochs_" in out.stderr
+
+
+def test_stage_yaml_and_schema_defaults_agree():
+    """One source of each default: what a stage file documents is what the schema holds, so a
+    component built from the schema alone (tests, sweeps) and a composed run agree."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from rlhf.config import Config
+
+    schema = OmegaConf.structured(Config)
+    checked = 0
+    for f in sorted((CONF / "stage").glob("*.yaml")):
+        for section, values in (yaml.safe_load(f.read_text()) or {}).items():
+            if section in ("defaults", "stage") or not isinstance(values, dict):
+                continue
+            for key, value in values.items():
+                assert OmegaConf.select(schema, f"{section}.{key}") == value, (f.name, f"{section}.{key}")
+                checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("group", ["debug", "experiment"])
+def test_every_preset_changes_the_default(group):
+    """A preset that composes to exactly the default config does nothing (debug=anomaly once did)."""
+    from tests.conftest import compose_cfg
+
+    default = OmegaConf.to_container(compose_cfg(), resolve=True)
+    options = sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in (CONF / group).rglob("*.yaml"))
+    assert options
+    for option in options:
+        cfg = OmegaConf.to_container(compose_cfg(f"{group}={option}"), resolve=True)
+        assert cfg != default, f"{group}={option} changes nothing"

@@ -1,6 +1,8 @@
 """Bad input fails early with a message that names the key or file to fix."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rlhf.stages import get_stage, pipeline, sft
@@ -55,11 +57,8 @@ def test_bad_sft_settings_name_the_key(tmp_path, overrides, match):
      "ppo.generation_batch_size=4 x ppo.samples_per_prompt=3 = 12 answers.*ppo.train_batch_size=8"),
 ])
 def test_ppo_sampling_settings_name_the_key(tmp_path, overrides, match):
-    from rlhf.stages import ppo
-
-    cfg = compose_cfg("stage=ppo", *QUICK, *overrides, run_dir=tmp_path)
-    with pytest.raises(ValueError, match=match):
-        ppo.run(cfg)
+    with pytest.raises(ValueError, match=match):  # at compose time, before any model loads
+        compose_cfg("stage=ppo", *QUICK, *overrides, run_dir=tmp_path)
 
 
 def test_a_stage_trains_the_role_it_reads_and_refuses_one_it_would_ignore():
@@ -73,3 +72,33 @@ def test_a_stage_trains_the_role_it_reads_and_refuses_one_it_would_ignore():
         compose_cfg("stage=rm", "actor.path=/tmp/x")
     with pytest.raises(ValueError, match="critic.path is read by stage=ppo"):
         compose_cfg("stage=sft", "critic.path=/tmp/x")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sft.grad_accum=0", "sft.grad_accum=0: must be >= 1"),
+    ("sft.epochs=0", "sft.epochs=0: must be >= 1"),
+    ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps=-1: must be >= 0"),
+    ("sft.max_seq_len=0", "sft.max_seq_len=0: must be >= 1"),
+    ("model.init=randm", "model.init='randm': expected one of pretrained, random, tiny"),
+    ("dpo.loss=hinge2", "dpo.loss='hinge2': not a DPO loss"),
+    ("ppo.reward_baseline=group", "ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2"),
+    ("zero.offload_param=true", "zero.offload_param=true needs zero.stage=3"),
+])
+def test_bad_values_fail_at_compose_naming_the_key(override, message):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compose_cfg(override)
+    assert time.perf_counter() - t0 < 5  # no model, data or rank touched
+
+
+def test_optimized_metric_names_what_a_stage_reports(tmp_path):
+    cfg = compose_cfg("stage=sft", *QUICK, "sft.max_steps=1", "data.heldout_prompts=2", "data.heldout_samples=0",
+                      "optimized_metric=eval_ppl", run_dir=tmp_path / "ok")
+    out = sft.run(cfg)
+    assert out["objective"] == out["eval_ppl"]
+    cfg = compose_cfg("stage=sft", *QUICK, "sft.max_steps=1", "data.heldout_prompts=2", "data.heldout_samples=0",
+                      "optimized_metric=eval_pll", run_dir=tmp_path / "bad")
+    with pytest.raises(KeyError, match="optimized_metric=eval_pll: stage sft reports no such metric.*eval_ppl"):
+        sft.run(cfg)

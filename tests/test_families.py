@@ -135,10 +135,20 @@ def test_every_family_through_every_stage(zoo, kind, tmp_path):
         out = summary["steps"][step]
         assert (out["architecture"], out["saved_params"]) == (given["architecture"], given["saved_params"]), step
         assert out["model_type"] == given["model_type"]
-    rm = summary["steps"]["rm"]
-    assert rm["model_type"] == given["model_type"] and 0 < rm["saved_params"] < given["saved_params"] + 1
-    # DPO from the SFT output (stage=dpo with model.path), no LoRA: a frozen copy as reference
     sft_dir = tmp_path / "pipe" / "sft" / "model"
+    # the reward model: the same body (transformers' base class of the checkpoint) plus a value head
+    from transformers import AutoModel
+
+    from rlhf.models.reward import _hidden_size
+
+    body = AutoModel.from_pretrained(str(src), trust_remote_code=bool(remote))
+    rm = summary["steps"]["rm"]
+    assert (rm["model_type"], rm["architecture"]) == (given["model_type"], type(body).__name__)
+    assert rm["saved_params"] == sum(p.numel() for p in body.parameters()) + _hidden_size(body.config)  # + v_head
+    if kind in ("qwen2", "gpt_neox"):  # stage=ppo on model.path alone (critic from the RM) keeps the class too
+        ppo = run_stage(compose_cfg("stage=ppo", f"model.path={sft_dir}", f"critic.path={tmp_path / 'pipe' / 'rm' / 'model'}",
+                                    *FAST, run_dir=tmp_path / "ppo"))
+        assert (ppo["architecture"], ppo["saved_params"]) == (given["architecture"], given["saved_params"])
     dpo = run_stage(compose_cfg("stage=dpo", f"model.path={sft_dir}", *remote, *FAST, run_dir=tmp_path / "dpo"))
     assert (dpo["architecture"], dpo["saved_params"]) == (given["architecture"], given["saved_params"])
     # chat on the PPO actor: two questions, two answers
@@ -166,7 +176,7 @@ def test_cli_trains_the_named_checkpoint_and_files_the_run_under_its_name(zoo, t
     given = _given(zoo["qwen2"])
     assert summary["model"] == "qwen2" and summary["model_type"] == "qwen2"
     assert summary["architecture"] == "Qwen2ForCausalLM" and summary["saved_params"] == given["saved_params"]
-    assert "derived one" in out.stderr  # the one line saying how the unregistered family was handled
+    assert "derived one" in out.stdout + out.stderr  # the one line saying how the unregistered family was handled
 
 
 def test_chat_drops_old_turns_to_fit_the_context(tmp_path, caplog):
@@ -182,3 +192,22 @@ def test_chat_drops_old_turns_to_fit_the_context(tmp_path, caplog):
         out = chat.run(cfg, stdin=stdin, stdout=io.StringIO())
     assert out["turns"] == 4 and out["dropped_turns"] >= 3
     assert any("dropped the" in r.message for r in caplog.records)
+
+
+def test_step3_roles_take_their_family_from_the_checkpoints_given(zoo):
+    """`stage=ppo actor.path=<llama> critic.path=<llama>` needs no family key at all."""
+    cfg = compose_cfg("stage=ppo", f"actor.path={zoo['tiny-llama']}", f"critic.path={zoo['tiny-llama']}")
+    assert resolve_family(cfg.actor, cfg.actor.path).name == "llama"
+    assert resolve_family(cfg.reward, cfg.critic.path).name == "llama"
+    assert cfg.model.key == "actor" and cfg.actor.name != "tiny-opt"
+
+
+def test_an_unreachable_hub_id_says_so(tmp_path, monkeypatch):
+    """Offline: a hub id is not a tiny model, and the error says what to do instead."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries against the network
+    cfg = compose_cfg("stage=sft", "model.path=EleutherAI/pythia-70m")
+    assert cfg.model.init == "pretrained" and cfg.model.name == "pythia-70m"
+    with pytest.raises(ValueError, match="model.path='EleutherAI/pythia-70m'.*hub could not be reached"):
+        resolve_family(cfg.model, cfg.model.path)

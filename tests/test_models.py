@@ -381,3 +381,14 @@ def test_reward_lora_keeps_head_trainable_and_merges_on_save(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(**enc), before, rtol=1e-5, atol=1e-5)
         assert torch.equal(merge_lora(rm).score(**enc), loaded.score(**enc))
+
+
+def test_lora_adapters_train_at_the_roles_rate_unless_lora_lr_is_set(tiny):
+    """With only adapters trained, the role's rate (ppo.actor_lr, sft.lr) must still move them."""
+    family = get_family("opt")
+    model = apply_lora(load_causal_lm(model_cfg(tiny["tiny-opt"], "opt"), str(tiny["tiny-opt"])),
+                       LoraConfig(rank=2, only_optimize_lora=True), family)
+    (group,) = lora_param_groups(model, LoraConfig(rank=2, only_optimize_lora=True), 3e-4, 0.0)
+    assert group["lr"] == 3e-4
+    (group,) = lora_param_groups(model, LoraConfig(rank=2, only_optimize_lora=True, lr=5e-4), 3e-4, 0.0)
+    assert group["lr"] == 5e-4

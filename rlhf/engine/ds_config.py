@@ -32,6 +32,9 @@ def build_ds_config(
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero.stage must be 0, 1, 2 or 3, got {stage}")
     offload_param = zero.offload_param if offload is None else offload
+    if stage != 3 and any(zero_pp_keys(zero, hardware, world_size, train).values()):
+        raise ValueError(f"ZeRO++ (zero.zero_quantized_weights / zero_hpz_partition_size / zero_quantized_gradients / "
+                         f"zero_quantized_nontrainable_weights) needs ZeRO-3, got stage {stage}: use zero=3-pp")
     if offload_param and stage != 3:
         raise ValueError("zero.offload_param needs zero.stage=3 (parameters are only offloaded by ZeRO-3)")
     if zero.offload_optimizer and train and stage == 0:
@@ -59,6 +62,7 @@ def build_ds_config(
             stage3_param_persistence_threshold=zero.stage3_param_persistence_threshold,
             stage3_gather_16bit_weights_on_model_save=True,
         )
+        zero_opt.update(zero_pp_keys(zero, hardware, world_size, train))
     if train and zero.offload_optimizer and stage > 0:
         zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": zero.pin_memory}
     if offload_param:
@@ -82,3 +86,26 @@ def build_ds_config(
     elif hardware.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     return cfg
+
+
+def zero_pp_keys(zero: ZeroConfig, hardware: HardwareConfig, world_size: int, train: bool = True) -> Dict[str, Any]:
+    """ZeRO++ / MixZ++ entries of ``zero_optimization`` (DeepSpeed names), only those switched on.
+
+    hpZ's secondary partition must divide the world size; it is capped at the ranks of one node
+    (its point is to keep the all-gather inside a node). Frozen engines get no gradient switch."""
+    keys: Dict[str, Any] = {}
+    if zero.zero_quantized_weights:
+        keys["zero_quantized_weights"] = True
+    hpz = int(zero.zero_hpz_partition_size)
+    if hpz > 1:
+        hpz = min(hpz, int(hardware.procs_per_node), world_size)
+        if world_size % hpz:
+            raise ValueError(f"zero.zero_hpz_partition_size={zero.zero_hpz_partition_size} must divide the "
+                             f"{world_size} ranks (use the GPUs of one node)")
+        if hpz > 1:
+            keys["zero_hpz_partition_size"] = hpz
+    if zero.zero_quantized_gradients and train:
+        keys["zero_quantized_gradients"] = True
+    if zero.zero_quantized_nontrainable_weights:
+        keys["zero_quantized_nontrainable_weights"] = True
+    return keys

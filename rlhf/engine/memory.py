@@ -1,32 +1,41 @@
-"""Memory planner: model states per GPU and per node for every ZeRO stage and offload choice.
+"""Memory planner: per GPU and per node, for every ZeRO stage and offload choice, what each step needs.
 
 Nothing is allocated: parameter counts come from ``model.params_b``, or from a meta-device build of
 ``model.arch`` (or of the tiny model's config), which also gives the largest layer (ZeRO-3 gathers
-one at a time) and the LoRA adapter size. Model states = weights, gradients, optimizer states;
-activations, the KV cache and fragmentation are what ``plan.memory_fraction`` leaves free.
+one at a time), the LoRA adapter size and the shape (width, depth, heads, vocabulary).
 
-Bytes per parameter, for P parameters on N GPUs in all (G per node, M nodes), w = 2 for 16-bit
-weights (fp16/bf16) or 4 for fp32, Adam, b = 1.5 (DeepSpeed's ``additional_buffer_factor``),
+Per GPU = the model states of every model of the step + the transient bytes of its busiest phase
+(phases run one after another): a model's training pass (activations, ``activation_bytes``), or step
+3's generation (KV cache + the hybrid engine's 16-bit replica of the actor, or per-layer gathering when
+the replica does not fit, as rlhf/engine/hybrid.py decides). ``plan.memory_fraction`` keeps the rest
+free for fragmentation and the CUDA context.
+
+Model-state bytes per parameter, for P parameters on N GPUs in all (G per node, M nodes), w = 2 for
+16-bit weights (fp16/bf16) or 4 for fp32, Adam, b = 1.5 (DeepSpeed's ``additional_buffer_factor``),
 L = parameters of the largest layer. Trained parameters (DeepSpeed keeps fp32 master weights 4,
 fp32 gradients 4 and Adam's two moments 8 = 16 bytes of optimizer-side state per parameter):
 
     ZeRO-0      GPU  2w + 16 (w = 2: 2 + 2 + 16 = 20)  |  fp32: 4 + 4 + 8 = 16 (no master copy)
     ZeRO-1      GPU  2w + 16/N                          (weights and gradients replicated)
     ZeRO-2      GPU  w + (w + 16)/N                     (w = 2: 2 + 18/N, DeepSpeed's estimator)
-      +offload  GPU  w;          host  max(4N, 16) * b  (optimizer and gradients on the CPU)
+      +offload  GPU  w;          host  16/M * b         (each rank offloads its 1/N partition)
     ZeRO-3      GPU  4L + (w + 16)/N                    (w = 2: 4L + 18/N)
-      +opt off  GPU  4L + w/N;   host  max(4G, 16/M) * b
-      +params   GPU  4L;         host  max(4G, (16 + w)/M) * b
-    without offload, host = 4G * b: every rank of a node first loads the full fp32 model.
+      +opt off  GPU  4L + w/N;   host  16/M * b
+      +params   GPU  4L;         host  (16 + w)/M * b
+      ZeRO++ hpZ                 GPU  + w/H             (a secondary weight partition within H ranks)
+    loading (transient, host): w * G per node (every rank materialises the model in the dtype it is
+    loaded in), w / M under ZeRO-3 with ``zero.zero_init`` (deepspeed.zero.Init builds it sharded).
 
-ZeRO-2/3 with 16-bit weights use DeepSpeed's own estimators
-(``deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`` and
-``stage3.estimate_zero3_model_states_mem_needs`` with ``zero_init=False``: our loaders build the full
-model in every rank before DeepSpeed partitions it); the table above is the same arithmetic,
-extended to ZeRO-0/1 and fp32. Frozen parameters (a LoRA base with ``only_optimize_lora``, step 3's
-reference and reward models) hold weights only: w per GPU, w/N under ZeRO-3 (+4L gather buffer),
-on the host when offloaded. Several models in one step stack on the GPU; on the host each model's
-load peak comes on top of what earlier models keep offloaded.
+ZeRO-2/3 GPU bytes with 16-bit weights are DeepSpeed's own estimators
+(``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``); its host figures
+are not used (they assume an fp32 copy per rank). Frozen parameters (a LoRA base with
+``only_optimize_lora``, step 3's reference and reward models) hold weights only: w per GPU, w/N under
+ZeRO-3 (+4L gather buffer), on the host when offloaded; MixZ++ (``zero_quantized_nontrainable_weights``)
+holds them in int8 (1 byte). Several models in one step stack on the GPU; on the host each model's load
+peak comes on top of what earlier models keep offloaded.
+
+DeepSpeed-Chat's published largest actors (one V100-32G: OPT-2.7B ... 64x A100-80G: OPT-175B) are
+reproduced by tests/test_plan_published.py and by ``python run.py sweep=largest_model``.
 """
 from __future__ import annotations
 
@@ -89,6 +98,11 @@ class Shape:
     largest_layer: int = 0  # parameters of the largest module (0 = unknown)
     lora_per_rank: int = 0  # LoRA parameters per unit of rank on the family's targets (0 = unknown)
     source: str = "params_b"  # params_b | arch | tiny | local
+    hidden: int = 0  # width (0 = unknown: no activation / KV-cache term)
+    layers: int = 0  # decoder blocks
+    heads: int = 0  # attention heads
+    kv_heads: int = 0  # key/value heads (grouped-query attention; 0 = heads)
+    vocab: int = 0  # vocabulary (the LM head's logits)
 
 
 @dataclass(frozen=True)
@@ -119,22 +133,48 @@ class Role:
     only_lora: bool = False
     stage: Optional[int] = None  # None = the setting's stage
     offload: Optional[bool] = None  # frozen models: offload their weights (None = the setting's offload_param)
+    work: Optional["Work"] = None  # activations / generation of this model (None = model states only)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a model computes besides holding its states: a training (or scoring) pass of ``batch`` rows of
+    ``seq`` tokens, and for the step-3 actor the generation of ``gen_batch`` rows with a KV cache."""
+
+    batch: int
+    seq: int
+    checkpointing: bool = False
+    lm_head: bool = True  # logits over the vocabulary (causal LMs; reward/critic models have a value head)
+    backward: bool = True  # frozen models only run forward passes (no stored activations)
+    gen_batch: int = 0  # step-3 actor: rows generated per rollout (0 = no generation)
+    gather: str = "once"  # ppo.hybrid_gather: once (a full 16-bit replica if it fits) | per_layer
+
+
+@dataclass(frozen=True)
+class ZeroPP:
+    """ZeRO++ / MixZ++ switches that change memory (quantized weight/gradient collectives only change traffic)."""
+
+    hpz: int = 1  # zero_hpz_partition_size: a secondary copy of the 16-bit weights sharded over this many ranks
+    quantized_frozen: bool = False  # zero_quantized_nontrainable_weights (MixZ++): frozen weights held in int8
+    zero_init: bool = True  # ZeRO-3 builds models already sharded (deepspeed.zero.Init): host load / N
 
 
 @dataclass
 class Estimate:
     """Bytes of one model (or one step): per GPU, and per node on the host."""
 
-    gpu: float = 0.0
+    gpu: float = 0.0  # kept: model states
     host_load: float = 0.0  # transient: ranks loading the model before DeepSpeed shards it
     host_states: float = 0.0  # kept: offloaded optimizer states / parameters
+    work: float = 0.0  # transient GPU bytes of the model's busiest phase (activations, KV cache, replica)
 
     @property
     def host(self) -> float:
         return max(self.host_load, self.host_states)
 
     def __add__(self, other: "Estimate") -> "Estimate":
-        return Estimate(self.gpu + other.gpu, self.host_load + other.host_load, self.host_states + other.host_states)
+        return Estimate(self.gpu + other.gpu, self.host_load + other.host_load, self.host_states + other.host_states,
+                        max(self.work, other.work))
 
 
 # ---------------------------------------------------------------- formulas
@@ -162,8 +202,18 @@ def _deepspeed_gpu_bytes(params: int, stage: int, offload_optimizer: bool, offlo
     return None
 
 
+def load_bytes(params: float, *, stage: int, weight_bytes: int, gpus_per_node: int, nodes: int,
+               zero_init: bool = True) -> float:
+    """Host bytes per node while loading: every rank of the node materialises the model in the dtype it
+    is loaded in, unless ZeRO-3 builds it already sharded (``deepspeed.zero.Init``): then 1/N each."""
+    if stage == 3 and zero_init:
+        return params * weight_bytes / nodes
+    return params * weight_bytes * gpus_per_node
+
+
 def trained_states(params: int, *, stage: int, offload_optimizer: bool = False, offload_param: bool = False,
-                   gpus_per_node: int = 1, nodes: int = 1, largest_layer: int = 0, weight_bytes: int = 2) -> Estimate:
+                   gpus_per_node: int = 1, nodes: int = 1, largest_layer: int = 0, weight_bytes: int = 2,
+                   zero_init: bool = True, hpz: int = 1) -> Estimate:
     """Model states of ``params`` trained parameters (Adam) under one ZeRO setting (module docstring)."""
     w, n, g, m, p = weight_bytes, gpus_per_node * nodes, gpus_per_node, nodes, float(params)
     if stage == 0:
@@ -179,58 +229,122 @@ def trained_states(params: int, *, stage: int, offload_optimizer: bool = False, 
     if w == 2 and stage in (2, 3) and not (offload_param and not offload_optimizer):
         ds = _deepspeed_gpu_bytes(params, stage, offload_optimizer, offload_param, largest_layer, g, m)
         gpu = ds if ds is not None else gpu
-    load = p * 4 * g * BUFFER  # every rank of a node loads the fp32 model first (no zero.Init)
+    if stage == 3 and hpz > 1 and not offload_param:  # ZeRO++ hpZ: a secondary 16-bit partition within hpz ranks
+        gpu += p * w / hpz
+    load = load_bytes(p, stage=stage, weight_bytes=w, gpus_per_node=g, nodes=m, zero_init=zero_init)
     states = 0.0
     if offload_optimizer and stage in (1, 2):
-        load = p * 4 * n * BUFFER  # DeepSpeed's ZeRO-2 offload estimate counts all GPUs here
-        states = p * OPTIM_BYTES * BUFFER
+        states = p * OPTIM_BYTES / m * BUFFER  # each rank offloads its 1/N partition
     elif stage == 3 and (offload_optimizer or offload_param):
         states = p * ((OPTIM_BYTES if offload_optimizer else 0) + (w if offload_param else 0)) / m * BUFFER
     return Estimate(gpu=gpu, host_load=load, host_states=states)
 
 
 def frozen_states(params: int, *, stage: int, offload: bool = False, gpus_per_node: int = 1, nodes: int = 1,
-                  largest_layer: int = 0, weight_bytes: int = 2) -> Estimate:
-    """Weights only (inference): replicated under ZeRO 0-2, sharded (+ a gather buffer) under ZeRO-3."""
+                  largest_layer: int = 0, weight_bytes: int = 2, zero_init: bool = True, hpz: int = 1,
+                  quantized: bool = False) -> Estimate:
+    """Weights only (inference): replicated under ZeRO 0-2, sharded (+ a gather buffer) under ZeRO-3;
+    MixZ++ (``quantized``) keeps frozen ZeRO-3 weights in int8 (1 byte)."""
     w, n, p = weight_bytes, gpus_per_node * nodes, float(params)
-    load = p * 4 * gpus_per_node * BUFFER
+    load = load_bytes(p, stage=stage, weight_bytes=w, gpus_per_node=gpus_per_node, nodes=nodes, zero_init=zero_init)
     if stage != 3:
         return Estimate(gpu=p * w, host_load=load)
+    held = 1 if quantized else w
     if offload:
-        return Estimate(gpu=4.0 * largest_layer, host_load=load, host_states=p * w / nodes * BUFFER)
-    return Estimate(gpu=4.0 * largest_layer + p * w / n, host_load=load)
+        return Estimate(gpu=4.0 * largest_layer, host_load=load, host_states=p * held / nodes * BUFFER)
+    secondary = p * held / hpz if hpz > 1 else 0.0
+    return Estimate(gpu=4.0 * largest_layer + p * held / n + secondary, host_load=load)
 
 
-def role_states(role: Role, setting: Setting, machine: Machine) -> Estimate:
-    """One model of a step: the trained part (all, or the LoRA adapters) plus the frozen part."""
+def activation_bytes(shape: Shape, work: Work, weight_bytes: int) -> float:
+    """GPU bytes of one forward (+ backward) pass: per block ``34 * seq * batch * hidden`` bytes in 16-bit
+    (Korthikanti et al. 2022 without the ``5 * heads * seq / hidden`` attention-score term: transformers'
+    SDPA attention does not store the scores); with checkpointing only each block's input is kept plus one
+    block's working set; the LM head adds 16-bit logits and an fp32 log-softmax and its gradient
+    (``seq * batch * vocab * (w + 8)``)."""
+    if not shape.hidden or not shape.layers:
+        return 0.0
+    h, L, s, b = shape.hidden, shape.layers, work.seq, work.batch
+    block = 34 * s * b * h * weight_bytes / 2
+    if not work.backward:  # inference: one block's working set at a time
+        acts = block
+    else:
+        acts = (L * s * b * h * weight_bytes + block) if work.checkpointing else L * block
+    logits = s * b * shape.vocab * (weight_bytes + (8 if work.backward else 4)) if work.lm_head else 0.0
+    return acts + logits
+
+
+def kv_cache_bytes(shape: Shape, batch: int, seq: int, weight_bytes: int) -> float:
+    """Keys and values of every block for ``batch`` rows of ``seq`` tokens."""
+    if not shape.hidden or not shape.layers:
+        return 0.0
+    kv_dim = shape.hidden * (shape.kv_heads or shape.heads or 1) / max(shape.heads, 1)
+    return 2.0 * shape.layers * batch * seq * kv_dim * weight_bytes
+
+
+def generation_bytes(shape: Shape, work: Work, stage: int, lora: bool, weight_bytes: int, fits_replica: bool) -> float:
+    """Step-3 generation (rlhf/engine/hybrid.py): the KV cache plus, under ZeRO-3, a full 16-bit replica of the
+    actor (``hybrid_gather=once``; the engine falls back to per-layer gathering, 4 x the largest layer, when
+    the replica does not fit) or, under ZeRO 0-2 with LoRA, a fused replica (else generation is direct)."""
+    kv = kv_cache_bytes(shape, work.gen_batch, work.seq, weight_bytes)
+    replica = shape.params * weight_bytes
+    if stage == 3:
+        buffer = replica if (work.gather == "once" and fits_replica) else 4.0 * shape.largest_layer
+    else:
+        buffer = replica if (lora and fits_replica) else 0.0
+    return kv + buffer + activation_bytes(shape, replace(work, batch=work.gen_batch, backward=False,
+                                                          checkpointing=False, seq=1), weight_bytes)
+
+
+def role_states(role: Role, setting: Setting, machine: Machine, zpp: ZeroPP = ZeroPP(),
+                replica: bool = True) -> Estimate:
+    """One model of a step: the trained part (all, or the LoRA adapters), the frozen part, and its work."""
     stage = setting.stage if role.stage is None else role.stage
-    kw = dict(gpus_per_node=machine.gpus_per_node, nodes=machine.nodes, weight_bytes=machine.weight_bytes)
+    kw = dict(gpus_per_node=machine.gpus_per_node, nodes=machine.nodes, weight_bytes=machine.weight_bytes,
+              zero_init=zpp.zero_init, hpz=zpp.hpz)
     shape = role.shape
     if not role.trained:
         offload = setting.offload_param if role.offload is None else role.offload
-        return frozen_states(shape.params, stage=stage, offload=offload and stage == 3,
-                             largest_layer=shape.largest_layer, **kw)
-    adapters = role.lora_rank * shape.lora_per_rank if role.lora_rank > 0 else 0
-    if role.lora_rank > 0 and not shape.lora_per_rank:
-        adapters = 0  # unknown adapter size: count the model as fully trained (conservative)
-    only_lora = role.only_lora and adapters > 0
-    trained = adapters if only_lora else shape.params + adapters
-    est = trained_states(trained, stage=stage, offload_optimizer=setting.offload_optimizer and stage > 0,
-                         offload_param=setting.offload_param and stage == 3, largest_layer=shape.largest_layer,
-                         **kw)
-    if only_lora:  # the frozen base: weights only, no second gather buffer
-        est = est + frozen_states(shape.params, stage=stage, offload=setting.offload_param and stage == 3, **kw)
+        est = frozen_states(shape.params, stage=stage, offload=offload and stage == 3,
+                            largest_layer=shape.largest_layer, quantized=zpp.quantized_frozen, **kw)
+    else:
+        adapters = role.lora_rank * shape.lora_per_rank if role.lora_rank > 0 else 0
+        if role.lora_rank > 0 and not shape.lora_per_rank:
+            adapters = 0  # unknown adapter size: count the model as fully trained (conservative)
+        only_lora = role.only_lora and adapters > 0
+        trained = adapters if only_lora else shape.params + adapters
+        est = trained_states(trained, stage=stage, offload_optimizer=setting.offload_optimizer and stage > 0,
+                             offload_param=setting.offload_param and stage == 3, largest_layer=shape.largest_layer,
+                             **kw)
+        if only_lora:  # the frozen base: weights only, no second gather buffer
+            est = est + frozen_states(shape.params, stage=stage, offload=setting.offload_param and stage == 3,
+                                      quantized=zpp.quantized_frozen, **kw)
+    if role.work is not None:
+        w = machine.weight_bytes
+        work = activation_bytes(shape, role.work, w) if (role.trained or role.work.batch) else 0.0
+        if role.work.gen_batch:
+            work = max(work, generation_bytes(shape, role.work, stage, role.lora_rank > 0, w, replica))
+        est = replace(est, work=work)
     return est
 
 
-def step_states(roles: List[Role], setting: Setting, machine: Machine) -> Tuple[Estimate, List[Estimate]]:
-    """All models of one step: GPU bytes add up; host peak = max over loads of (kept so far + that load)."""
-    parts = [role_states(r, setting, machine) for r in roles]
+def step_states(roles: List[Role], setting: Setting, machine: Machine, zpp: ZeroPP = ZeroPP(),
+                fraction: float = 1.0) -> Tuple[Estimate, List[Estimate]]:
+    """All models of one step: model states add up on the GPU, plus the busiest phase's transient bytes
+    (activations of one model's pass, or the actor's generation: phases run one after another); host peak
+    = max over loads of (kept so far + that load). The actor's generation replica is counted when it fits
+    (as the hybrid engine decides), else per-layer gathering."""
+    parts = [role_states(r, setting, machine, zpp) for r in roles]
+    if machine.on_gpu and machine.gpu_gb > 0 and any(r.work and r.work.gen_batch for r in roles):
+        states = sum(e.gpu for e in parts)
+        if states + max(e.work for e in parts) > machine.gpu_gb * GB * fraction:
+            parts = [role_states(r, setting, machine, zpp, replica=False) for r in roles]
     kept, host_peak = 0.0, 0.0
     for e in parts:
         host_peak = max(host_peak, kept + e.host)
         kept += e.host_states
-    total = Estimate(gpu=sum(e.gpu for e in parts), host_load=host_peak, host_states=kept)
+    total = Estimate(gpu=sum(e.gpu for e in parts) + max((e.work for e in parts), default=0.0),
+                     host_load=host_peak, host_states=kept)
     return total, parts
 
 
@@ -289,6 +403,23 @@ def _count_meta(config_json: str, targets: Tuple[str, ...]) -> Tuple[int, int, i
     return int(total), int(largest), int(per_rank)
 
 
+_DIM_KEYS = {  # Shape field -> config keys that hold it, in the spellings of the families we know
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "heads": ("num_attention_heads", "n_head", "num_heads"),
+    "kv_heads": ("num_key_value_heads", "multi_query_group_num"),
+    "vocab": ("vocab_size", "padded_vocab_size"),
+}
+
+
+def _dims(values: Dict[str, Any]) -> Dict[str, int]:
+    """Width, depth, heads and vocabulary from a config dict (HF config or ``model.arch``)."""
+    out = {}
+    for name, keys in _DIM_KEYS.items():
+        out[name] = int(next((values[k] for k in keys if values.get(k)), 0) or 0)
+    return out
+
+
 def model_shape(model_cfg, cache_dir: Optional[str] = None, lora_targets: Optional[List[str]] = None) -> Shape:
     """Parameter count of ``model_cfg``: ``params_b`` if set, else counted from its architecture."""
     from rlhf.models.families import planning_family
@@ -300,12 +431,14 @@ def model_shape(model_cfg, cache_dir: Optional[str] = None, lora_targets: Option
         if not model_cfg.params_b:
             raise UnknownSize(f"model {model_cfg.name}: set model.params_b (or model.arch) so the planner knows "
                               "its size")
-        return Shape(model_cfg.name, int(model_cfg.params_b * 1e9))
+        dims = _dims(dict(model_cfg.arch or {}))
+        vocab, hidden = dims["vocab"], dims["hidden"]
+        return Shape(model_cfg.name, int(model_cfg.params_b * 1e9), largest_layer=vocab * hidden, **dims)
     total, largest, per_rank = _count_meta(config.to_json_string(use_diff=False), targets)
     source = "tiny" if model_cfg.init == "tiny" else ("arch" if model_cfg.arch else "local")
     if model_cfg.params_b:
         total, source = int(model_cfg.params_b * 1e9), "params_b"
-    return Shape(model_cfg.name, total, largest, per_rank, source)
+    return Shape(model_cfg.name, total, largest, per_rank, source, **_dims(config.to_dict()))
 
 
 # ---------------------------------------------------------------- the plan of a run
@@ -323,6 +456,17 @@ class Scenario:
     machine: Machine
     changes: List[str] = field(default_factory=list)  # command-line changes from the run's own config
     role_zero: bool = True  # honour ppo.actor_zero / critic_zero (not once the plan picks the setting)
+    zpp: ZeroPP = ZeroPP()  # ZeRO++ / MixZ++ and sharded loading (zero group)
+    checkpointing: bool = False  # force gradient checkpointing on for every trained model
+    batch: int = 0  # force this per-device batch (training and generation); 0 = the config's
+
+
+def zero_pp(zero) -> ZeroPP:
+    """The memory-relevant ZeRO++ / MixZ++ switches of the zero group (only under ZeRO-3)."""
+    stage3 = int(zero.stage) == 3
+    return ZeroPP(hpz=int(zero.zero_hpz_partition_size) if stage3 else 1,
+                  quantized_frozen=bool(zero.zero_quantized_nontrainable_weights) and stage3,
+                  zero_init=bool(zero.zero_init))
 
 
 def _machine(cfg, nodes: Optional[int] = None, procs: Optional[int] = None) -> Machine:
@@ -332,34 +476,53 @@ def _machine(cfg, nodes: Optional[int] = None, procs: Optional[int] = None) -> M
                    float(hw.host_memory_gb), 4 if dtype == "fp32" else 2, hw.accelerator != "cpu")
 
 
+def _train_work(section, sc: Scenario, lm_head: bool = True, rows: int = 1) -> Work:
+    """A stage section's (sft, rm, dpo) training pass: micro batch x rows per example, max_seq_len tokens."""
+    return Work((sc.batch or int(section.micro_batch_size)) * rows, int(section.max_seq_len),
+                bool(section.gradient_checkpointing) or sc.checkpointing, lm_head=lm_head)
+
+
 def _step1(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
-    return ("step 1 (sft)", [Role(model_key, shape(model_key), True, sc.lora_rank, sc.only_lora)])
+    return ("step 1 (sft)", [Role(model_key, shape(model_key), True, sc.lora_rank, sc.only_lora,
+                                  work=_train_work(cfg.sft, sc))])
 
 
 def _step2(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
-    return ("step 2 (rm)", [Role("reward", shape(model_key), True, sc.lora_rank, sc.only_lora)])
+    # chosen and rejected answers of every pair go through the model together
+    return ("step 2 (rm)", [Role("reward", shape(model_key), True, sc.lora_rank, sc.only_lora,
+                                 work=_train_work(cfg.rm, sc, lm_head=False, rows=2))])
 
 
 def _step3(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
-    """DeepSpeed-Chat's four models; frozen ones use ZeRO-3 when their trained twin does, else ZeRO-0."""
+    """DeepSpeed-Chat's four models; frozen ones use ZeRO-3 when their trained twin does, else ZeRO-0.
+    Work: the actor generates (KV cache, the hybrid engine's replica) and trains on prompt + answer tokens,
+    the critic trains, the reference and reward models score (forward only)."""
     ppo = cfg.ppo
     actor_stage = ppo.actor_zero if (ppo.actor_zero is not None and sc.role_zero) else sc.setting.stage
     critic_stage = ppo.critic_zero if (ppo.critic_zero is not None and sc.role_zero) else sc.setting.stage
     actor_lora = sc.lora_rank if ppo.actor_lora else 0
     critic_lora = sc.lora_rank if (ppo.critic_lora or sc.critic_lora) else 0
+    seq, train, gen = int(ppo.max_prompt_len) + int(ppo.max_answer_len), sc.batch or int(ppo.train_batch_size), \
+        sc.batch or int(ppo.generation_batch_size)
     return ("step 3 (ppo)", [
-        Role("actor", shape("actor"), True, actor_lora, sc.only_lora, actor_stage),
-        Role("critic", shape("reward"), True, critic_lora, sc.only_lora, critic_stage),
+        Role("actor", shape("actor"), True, actor_lora, sc.only_lora, actor_stage,
+             work=Work(train, seq, bool(ppo.actor_gradient_checkpointing) or sc.checkpointing, gen_batch=gen,
+                       gather=str(ppo.hybrid_gather))),
+        Role("critic", shape("reward"), True, critic_lora, sc.only_lora, critic_stage,
+             work=Work(train, seq, bool(ppo.critic_gradient_checkpointing) or sc.checkpointing, lm_head=False)),
         Role("reference", shape("actor"), False, stage=3 if actor_stage == 3 else 0,
-             offload=sc.offload_reference or None),
-        Role("reward", shape("reward"), False, stage=3 if critic_stage == 3 else 0),
+             offload=sc.offload_reference or None, work=Work(train, seq, backward=False)),
+        Role("reward", shape("reward"), False, stage=3 if critic_stage == 3 else 0,
+             work=Work(gen, seq, lm_head=False, backward=False)),
     ])
 
 
 def _dpo(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
-    roles = [Role("policy", shape(model_key), True, sc.lora_rank, sc.only_lora)]
+    roles = [Role("policy", shape(model_key), True, sc.lora_rank, sc.only_lora,
+                  work=_train_work(cfg.dpo, sc, rows=2))]
     if not cfg.dpo.precompute_ref:
-        roles.append(Role("reference", shape(model_key), False))
+        roles.append(Role("reference", shape(model_key), False,
+                          work=replace(_train_work(cfg.dpo, sc, rows=2), backward=False)))
     return ("dpo", roles)
 
 
@@ -421,6 +584,8 @@ class Planner:
     def __init__(self, cfg):
         self.cfg = cfg
         self.stage = str(cfg.stage.name)
+        if self.stage == "plan" and cfg.plan.get("stage"):
+            self.stage = str(cfg.plan.stage)
         self._shapes: Dict[str, Shape] = {}
         self.fraction = float(cfg.plan.memory_fraction)
 
@@ -433,18 +598,19 @@ class Planner:
     def current(self) -> Scenario:
         z, lora = self.cfg.zero, self.cfg.lora
         return Scenario(Setting(int(z.stage), bool(z.offload_optimizer), bool(z.offload_param)), int(lora.rank),
-                        bool(lora.only_optimize_lora), bool(self.cfg.ppo.offload_reference), False, _machine(self.cfg))
+                        bool(lora.only_optimize_lora), bool(self.cfg.ppo.offload_reference), False, _machine(self.cfg),
+                        zpp=zero_pp(z))
 
     def evaluate(self, sc: Scenario) -> Outcome:
         steps_fn = STAGE_STEPS.get(self.stage, lambda cfg, shape, s: [_inference(cfg, shape, s)])
         results = []
         for title, roles in steps_fn(self.cfg, self.shape, sc):
-            total, parts = step_states(roles, sc.setting, sc.machine)
+            total, parts = step_states(roles, sc.setting, sc.machine, sc.zpp, self.fraction)
             gpu, host = need(total, sc.machine)
             models = {}
             for role, est in zip(roles, parts):
-                g, h = need(est, sc.machine)
-                models[role.name] = {"gpu_gb": g / GB, "host_gb": h / GB}
+                g, h = need(replace(est, work=0.0), sc.machine)
+                models[role.name] = {"gpu_gb": g / GB, "host_gb": h / GB, "work_gb": est.work / GB}
             results.append(StepResult(title, gpu / GB, host / GB, *fits(gpu, host, sc.machine, self.fraction), models))
         return Outcome(sc, results)
 
@@ -453,21 +619,46 @@ class Planner:
             return sc
         return replace(sc, setting=setting, changes=[*sc.changes, setting.override], role_zero=False)
 
+    def _sections(self) -> List[str]:
+        """The config sections of the steps this stage runs (for the command-line changes)."""
+        pipe = self.cfg.pipeline
+        by_stage = {"sft": ["sft"], "pretrain": ["sft"], "rm": ["rm"], "ppo": ["ppo"], "dpo": ["dpo"],
+                    "plan": ["sft", "rm", "ppo"],
+                    "pipeline": [k for k, step in (("sft", 1), ("rm", 2), (str(pipe.algo), 3)) if step in pipe.steps]}
+        return [s for s in by_stage.get(self.stage, []) if s in ("sft", "rm", "ppo", "dpo")]
+
+    def _ckpt_change(self) -> str:
+        return " ".join("ppo.actor_gradient_checkpointing=true ppo.critic_gradient_checkpointing=true" if s == "ppo"
+                        else f"{s}.gradient_checkpointing=true" for s in self._sections())
+
+    def _batch_change(self, n: int) -> str:
+        return " ".join(f"ppo.train_batch_size={n} ppo.generation_batch_size={n}" if s == "ppo"
+                        else f"{s}.micro_batch_size={n}" for s in self._sections())
+
     def candidates(self) -> List[Scenario]:
-        """Changes to try, smallest first: the ZeRO setting; the reference offload; LoRA; more GPUs."""
+        """Changes to try, smallest first: the ZeRO setting; gradient checkpointing; the reference offload;
+        LoRA; a smaller per-device batch (with more accumulation to keep the global batch); more GPUs."""
         base = self.current()
         others = [s for s in SETTINGS if s != base.setting]
         out = [self.with_setting(base, s) for s in others]
+        ckpt = self._ckpt_change()
+        if ckpt:
+            base = replace(base, checkpointing=True, changes=[ckpt])
+            out += [base] + [self.with_setting(base, s) for s in others]
         pipe = self.cfg.pipeline
         has_step3 = self.stage in ("ppo", "plan") or (self.stage == "pipeline" and pipe.algo == "ppo"
                                                         and 3 in pipe.steps)
         if has_step3 and not base.offload_reference:
-            ref = replace(base, offload_reference=True, changes=["ppo.offload_reference=true"])
+            ref = replace(base, offload_reference=True, changes=[*base.changes, "ppo.offload_reference=true"])
             out += [ref] + [self.with_setting(ref, s) for s in others]
         if not (base.lora_rank > 0 and base.only_lora):
             lora = replace(base, lora_rank=128, only_lora=True, critic_lora=has_step3,
-                           changes=[SUGGESTED_LORA + (" ppo.critic_lora=true" if has_step3 else "")])
+                           changes=[*base.changes, SUGGESTED_LORA + (" ppo.critic_lora=true" if has_step3 else "")])
             out += [lora] + [self.with_setting(lora, s) for s in others]
+        if self._sections():
+            for n in (4, 1):
+                small = replace(base, batch=n, changes=[*base.changes, self._batch_change(n)])
+                out += [small] + [self.with_setting(small, s) for s in others]
         m = base.machine
         sizes = [(1, p) for p in (2, 4, 8) if p > m.gpus_per_node] if m.nodes == 1 else []
         per_node = max(m.gpus_per_node, 8)
@@ -475,7 +666,7 @@ class Planner:
         for nodes, procs in sizes:
             change = " ".join(c for c in (f"hardware.nodes={nodes}" if nodes != m.nodes else "",
                                           f"hardware.procs_per_node={procs}" if procs != m.gpus_per_node else "") if c)
-            grown = replace(base, machine=replace(m, nodes=nodes, gpus_per_node=procs), changes=[change])
+            grown = replace(base, machine=replace(m, nodes=nodes, gpus_per_node=procs), changes=[*base.changes, change])
             out += [self.with_setting(grown, s) for s in (Setting(3), Setting(3, True), Setting(3, True, True))]
         return out
 
@@ -487,12 +678,28 @@ class Planner:
         return None
 
 
+def best_fit(cfg, param_offload: bool = False) -> Optional[Outcome]:
+    """The first ZeRO setting (fastest first, ``SETTINGS``) under which the run's steps fit, or None.
+    ``param_offload=False`` leaves out parameter offload, as DeepSpeed-Chat's largest-model table does."""
+    planner = Planner(cfg)
+    cur = planner.current()
+    for s in SETTINGS:
+        if s.offload_param and not param_offload:
+            continue
+        outcome = planner.evaluate(replace(cur, setting=s, role_zero=False))
+        if outcome.fits:
+            return outcome
+    return None
+
+
 def _describe(cfg) -> str:
     z = cfg.zero
     setting = Setting(int(z.stage), bool(z.offload_optimizer), bool(z.offload_param)).override
     lora = f"lora rank {cfg.lora.rank}{' (adapters only)' if cfg.lora.only_optimize_lora else ''}" \
         if cfg.lora.rank else "no LoRA"
-    return f"{setting}, {lora}"
+    zpp = zero_pp(z)
+    extras = [f"hpZ {zpp.hpz}"] * (zpp.hpz > 1) + ["MixZ++ int8 frozen weights"] * zpp.quantized_frozen
+    return f"{setting}{' (' + ', '.join(extras) + ')' if extras else ''}, {lora}"
 
 
 def make_plan(cfg) -> Dict[str, Any]:
@@ -532,8 +739,9 @@ def format_plan(plan: Dict[str, Any]) -> str:
     where = (f"{hw['nodes']} node(s) x {hw['gpus_per_node']} GPU(s) of {hw['gpu_gb']:g} GB"
              if hw["on_gpu"] else f"{hw['nodes']} node(s) x {hw['gpus_per_node']} CPU rank(s)")
     lines = [f"Memory plan on {hw['name']}: {where}, {hw['host_gb']:g} GB host per node, "
-             f"{'16' if hw['weight_bytes'] == 2 else '32'}-bit weights. Model states only (weights, gradients, "
-             f"optimizer); usable: {frac:g} of each memory"
+             f"{'16' if hw['weight_bytes'] == 2 else '32'}-bit weights. Model states (weights, gradients, "
+             f"optimizer) plus the busiest phase (activations, KV cache, generation replica); usable: {frac:g} of "
+             "each memory"
              + (f" = {gpu_cap:.1f} GB per GPU, {host_cap:.1f} GB host." if hw["on_gpu"] else f" = {host_cap:.1f} GB host."),
              ""]
     for key, s in plan["models"].items():
@@ -554,7 +762,8 @@ def format_plan(plan: Dict[str, Any]) -> str:
     cur = plan["current"]
     lines += ["", f"Chosen: {cur['setting']} -> {'fits' if cur['fits'] else 'does NOT fit'}"]
     for st in cur["steps"]:
-        per = ", ".join(f"{k} {_gb(v['gpu_gb'])} GPU / {_gb(v['host_gb'])} host" if hw["on_gpu"]
+        per = ", ".join(f"{k} {_gb(v['gpu_gb'])} GPU (+{_gb(v.get('work_gb', 0))} working) / {_gb(v['host_gb'])} host"
+                        if hw["on_gpu"]
                         else f"{k} {_gb(v['host_gb'])} host" for k, v in st["models"].items())
         lines.append(f"  {st['title']}: " + " | ".join(cells(st)) + f" GB  ({per})")
     if not cur["fits"]:

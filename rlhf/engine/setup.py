@@ -36,6 +36,8 @@ def init_distributed(hardware: HardwareConfig, timeout_s: Optional[float] = None
 
     import deepspeed
 
+    from rlhf.console import op_build_notice, swallow_stdout
+
     kw = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
     if kw:  # groups DeepSpeed creates later (data parallel, ZeRO) take torch's default, not the world's
         from torch.distributed import distributed_c10d as c10d
@@ -43,12 +45,14 @@ def init_distributed(hardware: HardwareConfig, timeout_s: Optional[float] = None
         c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = kw["timeout"]
 
     if not dist.is_initialized():
+        op_build_notice()
         if "WORLD_SIZE" not in os.environ:
             # One inline process: an in-memory store, so no TCP port can collide with another run.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ["MASTER_PORT"] = str(hardware.master_port or free_port())
             dist.init_process_group(hardware.backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
-        deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False, **kw)
+        with swallow_stdout():  # DeepSpeed prints a line each time it loads its shared-memory op
+            deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False, **kw)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -199,6 +203,71 @@ def with_stage(zero, stage: int, **changes) -> ZeroConfig:
     if not is_dataclass(zero):
         zero = OmegaConf.to_object(zero)
     return replace(zero, stage=stage, offload_param=zero.offload_param and stage == 3, **changes)
+
+
+# ---------------------------------------------------------------- sharded loading (ZeRO-3)
+
+_SHARDED: List[dict] = []  # DeepSpeed configs of the enclosing sharded_loading blocks (innermost last)
+_DEFAULT: List[dict] = []  # the running stage's (set_sharded_loading), used outside any block
+
+
+def _zero3_init_config(zero, hardware: HardwareConfig, world_size: int) -> dict:
+    return build_ds_config(with_stage(zero, 3, offload_optimizer=False), hardware, micro_batch_size=1,
+                           world_size=world_size, stage=3, train=False)
+
+
+def _shards(zero, stages) -> bool:
+    """True when every engine the models go into is ZeRO-3 and ``zero.zero_init`` is on."""
+    return bool(getattr(zero, "zero_init", True)) and all(int(s) == 3 for s in stages if s is not None)
+
+
+@contextlib.contextmanager
+def sharded_loading(zero, hardware: HardwareConfig, world_size: int, *, stage: Optional[int] = None):
+    """Inside the block, models built by ``rlhf.models.load`` are created already partitioned over the ranks
+    (``deepspeed.zero.Init`` through transformers' DeepSpeed integration, ``HfDeepSpeedConfig``), so no
+    rank ever materialises a whole model; ``from_pretrained`` loads each checkpoint tensor into its shards.
+    A no-op unless ``stage`` (default ``zero.stage``) is 3 and ``zero.zero_init``. Yields whether it shards."""
+    active = _shards(zero, [zero.stage if stage is None else stage])
+    if active:
+        _SHARDED.append(_zero3_init_config(zero, hardware, world_size))
+    try:
+        yield active
+    finally:
+        if active:
+            _SHARDED.pop()
+
+
+def set_sharded_loading(zero, hardware: HardwareConfig, world_size: int, stages=()) -> bool:
+    """The running stage's default for loads outside any ``sharded_loading`` block: on when ``zero.stage`` and
+    every per-model stage in ``stages`` (PPO's actor/critic ZeRO stages; None = zero.stage) are 3.
+    ``clear_sharded_loading`` ends it (a stage's end)."""
+    _DEFAULT.clear()
+    active = _shards(zero, [zero.stage, *stages])
+    if active:
+        _DEFAULT.append(_zero3_init_config(zero, hardware, world_size))
+    return active
+
+
+def clear_sharded_loading() -> None:
+    _DEFAULT.clear()
+
+
+@contextlib.contextmanager
+def zero3_construction():
+    """What ``rlhf.models.load`` wraps around ``from_pretrained``/``from_config``: transformers' ZeRO-3
+    integration is switched on for exactly that call when a sharded loading applies, else nothing."""
+    configs = _SHARDED or _DEFAULT
+    if not configs:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(configs[-1])  # transformers holds a weak reference: keep it alive here
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
 
 
 def is_zero3(module: torch.nn.Module) -> bool:

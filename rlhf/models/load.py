@@ -119,8 +119,11 @@ def resolve_family(model_cfg: ModelConfig, path: str | Path) -> Family:
         config = _hub_config(str(path))
     if config is None:
         if declared == AUTO:
-            raise ValueError(f"{key}.path={str(path)!r}: no config.json could be read to tell the model family; "
-                             f"set {key}.family to one of: {', '.join(FAMILIES_NAMES())}")
+            raise ValueError(
+                f"{key}.path={str(path)!r}: no config.json to tell the model family: it is not a local model directory "
+                f"and the hub could not be reached (offline?) or has no such repo. Download it and point {key}.path "
+                f"at the directory, or for a random-weight shape set {key}.init=random with {key}.family (one of: "
+                f"{', '.join(FAMILIES_NAMES())}) and {key}.arch")
         family = get_family(declared, key)
     else:
         found = family_for_config(config)
@@ -246,14 +249,18 @@ def effective_init(model_cfg: ModelConfig, path: str | Path) -> str:
 def _load(auto_cls, model_cfg: ModelConfig, path: str, dtype: torch.dtype, disable_dropout: bool, init: str | None):
     init = init or effective_init(model_cfg, path)
     config = load_config(model_cfg, path, disable_dropout=disable_dropout, init=init)
+    from rlhf.engine.setup import zero3_construction  # ZeRO-3: built already sharded (sharded_loading)
+
     if init == "random":
-        model = auto_cls.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+        with zero3_construction():
+            model = auto_cls.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     else:
         kwargs = {} if model_cfg.allow_pickle else {"use_safetensors": True}
         try:
-            model = auto_cls.from_pretrained(
-                path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **kwargs
-            )
+            with zero3_construction():
+                model = auto_cls.from_pretrained(
+                    path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+                )
         except OSError as e:
             if model_cfg.allow_pickle or "safetensors" not in str(e):
                 raise

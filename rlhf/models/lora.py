@@ -81,7 +81,9 @@ def lora_param_groups(model: nn.Module, lora_cfg: LoraConfig, base_lr: float, we
 
     decay: weights at ``base_lr`` with ``weight_decay``; no-decay: biases and norm weights
     (names containing bias/norm/layer_norm/ln_) with weight decay 0; lora: adapter weights
-    (``lora_`` in the name) at ``lora.lr`` with ``weight_decay``. Frozen parameters are skipped and
+    (``lora_`` in the name) at ``lora.lr`` (DeepSpeed-Chat's separate lora_learning_rate) or, when it
+    is unset, at ``base_lr``, the role's own rate (so ``ppo.actor_lr`` moves a LoRA-only actor), with
+    ``weight_decay``. Frozen parameters are skipped and
     empty groups dropped.
     """
     decay, no_decay, lora = [], [], []
@@ -98,7 +100,7 @@ def lora_param_groups(model: nn.Module, lora_cfg: LoraConfig, base_lr: float, we
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lr": base_lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": base_lr},
-        {"params": lora, "weight_decay": weight_decay, "lr": lora_cfg.lr},
+        {"params": lora, "weight_decay": weight_decay, "lr": base_lr if lora_cfg.lr is None else lora_cfg.lr},
     ]
     return [g for g in groups if g["params"]]
 

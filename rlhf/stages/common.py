@@ -18,8 +18,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.engine.checkpoint import Checkpointer, resolve_resume
-from rlhf.engine.setup import (OptimSpec, barrier, device_for, dtype_for, gathered, init_distributed,
-                               seed_everything)
+from rlhf.engine.setup import (OptimSpec, barrier, clear_sharded_loading, device_for, dtype_for, gathered,
+                               init_distributed, seed_everything, set_sharded_loading)
 from rlhf.models.families import Family
 from rlhf.tracking import Tracker
 
@@ -50,7 +50,13 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
 
     check_fits(cfg)  # before anything is allocated: stop with the smallest change that fits
     rank, world = init_distributed(cfg.hardware, cfg.launch.timeout_s)
+    # ZeRO-3: models are built already sharded (deepspeed.zero.Init) when every engine of the stage is ZeRO-3
+    set_sharded_loading(cfg.zero, cfg.hardware, world,
+                        (cfg.ppo.actor_zero, cfg.ppo.critic_zero) if name == "ppo" else ())
     seed_everything(int(cfg.seed))
+    if cfg.anomaly:  # debug=anomaly: the backward op that produced a NaN/inf raises, named
+        torch.autograd.set_detect_anomaly(True, check_nan=True)
+        log.warning("autograd anomaly detection is on (debug=anomaly): slow, for finding a NaN's source")
     run_dir = Path(run_dir or cfg.run_dir)
     cache_dir = Path(cfg.cache_dir)
     if rank == 0:  # lock, refuse another run's dir or a resume with other settings; before config.yaml
@@ -88,10 +94,18 @@ def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
 
     metrics = dict(metrics, wall_time_s=time.perf_counter() - ctx.t0, world_size=ctx.world)
     metrics.setdefault("model", str(ctx.cfg.model.name))
+    wanted = str(ctx.cfg.get("optimized_metric", "objective"))
+    if wanted != "objective":  # what sweeps read (Optuna's return value, best.json)
+        if wanted not in metrics:
+            raise KeyError(f"optimized_metric={wanted}: stage {ctx.cfg.stage.name} reports no such metric; "
+                           f"it reports {', '.join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float))))}")
+        metrics["objective"] = metrics[wanted]
     if metrics.get("model_dir") and Path(metrics["model_dir"], "config.json").is_file():
         metrics.update(describe_saved(metrics["model_dir"]))
     out = ctx.tracker.summary(metrics)
     ctx.tracker.close()
+    clear_sharded_loading()
+    log.info("stage %s done in %.0f s: %s", ctx.cfg.stage.name, metrics["wall_time_s"], ctx.run_dir)
     barrier()
     from rlhf.engine import rundir
 

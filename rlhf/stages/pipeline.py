@@ -18,12 +18,11 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List
 
-from rlhf.stages import get_stage
+from rlhf.stages import STAGES, get_stage
 from rlhf.tracking import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-KEY_METRIC = {"sft": "eval_ppl", "rm": "acc", "ppo": "reward_mean", "dpo": "acc"}
 
 
 def _input_dir(run_dir: Path, step: str, produced: bool, given, key: str, needed_by: str) -> str:
@@ -110,7 +109,7 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
     lines = ["| step | key metric | value | wall time (s) | rule rate, greedy (held-out) | rule rate, sampled (held-out) |",
              "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        key = KEY_METRIC[name]
+        key = STAGES[name].key_metric
         value = r.get(key)
         value_s = "-" if value is None else f"{value:.4g}"
         lines.append(f"| {name} | {key} | {value_s} | {r.get('wall_time_s', 0.0):.1f} | "
