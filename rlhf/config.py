@@ -473,6 +473,7 @@ CHOICES: Dict[str, tuple] = {
     "dpo.scheduler": ("cosine", "linear", "constant"), "ppo.scheduler": ("cosine", "linear", "constant"),
     "rm.loss_mode": ("divergent", "last"), "ppo.reward_baseline": ("none", "group"),
     "ppo.hybrid_gather": ("once", "per_layer"), "pipeline.algo": ("ppo", "dpo"),
+    "run_dir_mode": ("new", "overwrite"),
 }
 # keys that must be >= 1 / >= 0
 AT_LEAST_ONE = ("sft.epochs", "rm.epochs", "dpo.epochs", "ppo.epochs", "sft.grad_accum", "rm.grad_accum",
@@ -504,6 +505,8 @@ def _rules(cfg) -> List[str]:
     steps = list(cfg.pipeline.steps)
     if not steps or any(s not in (1, 2, 3) for s in steps):
         errors.append(f"pipeline.steps must be a non-empty subset of [1, 2, 3], got {steps}")
+    if cfg.launch.timeout_s <= 0:
+        errors.append(f"launch.timeout_s={cfg.launch.timeout_s}: must be > 0 (seconds a collective waits for a rank)")
     if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":
         errors.append(f"hardware.backend={cfg.hardware.backend} needs GPUs; the CPU runs on gloo")
     return errors

@@ -255,12 +255,12 @@ def test_local_json_without_a_path_names_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (("sft.max_seq_len=0",), "all \\d+ rows were dropped \\(\\d+ because the prompt alone is longer than "
-                             "sft.max_seq_len=0 tokens\\); raise sft.max_seq_len"),
+    (("sft.max_seq_len=3",), "all \\d+ rows were dropped \\(\\d+ because the prompt alone is longer than "
+                             "sft.max_seq_len=3 tokens\\); raise sft.max_seq_len"),
     (("sft.grad_accum=0",), "sft.grad_accum=0: must be >= 1"),
     (("sft.epochs=0",), "sft.epochs=0: must be >= 1"),
     (("checkpoint.every_n_steps=-1",), "checkpoint.every_n_steps=-1: must be >= 0"),
-    (("checkpoint.keep_last=0",), "checkpoint.keep_last=0: must be >= 1"),
+    (("launch.timeout_s=0",), "launch.timeout_s=0.0: must be > 0"),
     (("run_dir_mode=replace",), "run_dir_mode='replace': expected one of new, overwrite"),
 ])
 def test_bad_settings_name_the_key(tmp_path, overrides, match):

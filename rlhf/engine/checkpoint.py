@@ -153,8 +153,8 @@ def check_settings(ckpt_cfg) -> None:
         raise ValueError(f"checkpoint.every_n_steps={ckpt_cfg.every_n_steps}: must be >= 0 (0 = off)")
     if ckpt_cfg.every_minutes < 0:
         raise ValueError(f"checkpoint.every_minutes={ckpt_cfg.every_minutes}: must be >= 0 (0 = off)")
-    if ckpt_cfg.keep_last < 1:
-        raise ValueError(f"checkpoint.keep_last={ckpt_cfg.keep_last}: must be >= 1")
+    if ckpt_cfg.keep_last < 0:
+        raise ValueError(f"checkpoint.keep_last={ckpt_cfg.keep_last}: must be >= 0 (0 keeps the newest one)")
 
 
 class Checkpointer:
