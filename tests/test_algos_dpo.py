@@ -73,3 +73,13 @@ def test_dpo_loss_smoothing_and_gradient():
 def test_unknown_loss_names_the_choices():
     with pytest.raises(ValueError, match=r"'robust'.*\['hinge', 'ipo', 'sigmoid'\]"):
         dpo_loss("robust", PC, PR, RC, RR, beta=0.1)
+
+
+def test_answer_mask_by_hand_for_both_padding_sides():
+    from rlhf.algos.logprobs import answer_mask
+
+    mask = torch.tensor([[0, 1, 1, 1, 1],    # left padded: prompt at 1-2, answer 3-4
+                         [1, 1, 1, 0, 0],    # right padded: prompt 0, answer 1-2
+                         [1, 1, 1, 1, 1]])   # no padding: prompt 0-3, answer 4
+    got = answer_mask(mask, torch.tensor([2, 1, 4]))
+    assert got.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]]

@@ -59,3 +59,12 @@ def test_two_ranks_zero3_train_the_reward_model(tmp_path):
     # the demo's 800 step-2 pairs split over two ranks, 100 steps: observed acc 0.44 -> 0.81
     assert summary["acc"] > summary["acc_initial"] and summary["acc"] >= 0.7
     assert (tmp_path / "model" / "value_head.safetensors").exists()
+
+
+def test_throughput_counts_pairs_not_sequences(tmp_path):
+    """samples/s of a pairwise stage counts preference pairs (every peer's convention), not the
+    2 sequences each pair trains on: 4 steps x 8 pairs = 32 pairs in train_time_s."""
+    cfg = compose_cfg("stage=rm", *QUICK, "rm.max_steps=4", "rm.micro_batch_size=8", "rm.epochs=1",
+                      run_dir=tmp_path)
+    summary = rm.run(cfg)
+    assert summary["samples_per_s"] * summary["train_time_s"] == pytest.approx(32, rel=1e-6)

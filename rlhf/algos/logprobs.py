@@ -81,3 +81,15 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     if not shift_mean:
         out = out + mean
     return torch.where(mask != 0, out, torch.zeros_like(out))
+
+
+def answer_mask(attention_mask: Tensor, prompt_len: Tensor) -> Tensor:
+    """1 on the answer tokens of each row: real tokens from ``prompt_len`` on, counted from the
+    row's first real token (so any padding side works).
+
+    attention_mask [N, T] (0/1), prompt_len [N] (int) -> [N, T] of attention_mask's dtype.
+    E.g. mask [0, 1, 1, 1, 1] (left padded) with prompt_len 2 -> [0, 0, 0, 1, 1].
+    """
+    start = attention_mask.long().argmax(dim=1) + prompt_len.long()  # first answer position per row
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    return attention_mask * (positions >= start.unsqueeze(1)).to(attention_mask.dtype)

@@ -89,6 +89,7 @@ class LoopSpec:
     log_every: int
     skip_nonfinite: bool
     grad_accum: int
+    rows_per_sample: int = 1  # batch rows per counted sample: 2 for preference pairs (samples/s counts pairs)
 
 
 def make_loader(dataset, batch_size: int, collate, rank: int, world: int, seed: int, shuffle: bool = True):
@@ -197,7 +198,7 @@ def _train(engine, loader, step_fn, eval_fn, spec, tracker, checkpointer, state,
                 loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
             engine.backward(loss)
             engine.step()
-            samples += int(batch["input_ids"].shape[0])
+            samples += int(batch["input_ids"].shape[0]) // spec.rows_per_sample
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 window[k] = window.get(k, 0.0) + float(v)

@@ -144,21 +144,12 @@ def load_tokenizer(ctx: Context, path: str, model_cfg=None):
 
 def load_policy(ctx: Context, path: str, *, disable_dropout: bool, gradient_checkpointing: bool,
                 lora: bool = True, model_cfg=None):
-    """A causal LM ready to train: dropout as asked, gradient checkpointing, LoRA from ``lora.*``.
-    ``model_cfg`` defaults to ``cfg.model`` (DPO passes ``cfg.actor``)."""
-    from rlhf.models.load import load_causal_lm
-    from rlhf.models.lora import apply_lora
+    """A causal LM ready to train (``rlhf.models.build.load_trainable``) with the run's dtype and
+    ``lora.*``. ``model_cfg`` defaults to ``cfg.model`` (DPO passes ``cfg.actor``)."""
+    from rlhf.models.build import load_trainable
 
-    model_cfg = model_cfg or ctx.cfg.model
-    model = load_causal_lm(model_cfg, path, dtype=ctx.dtype, disable_dropout=disable_dropout)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if lora and ctx.cfg.lora.rank > 0:
-        model = apply_lora(model, ctx.cfg.lora, family(ctx, path, model_cfg))
-        if gradient_checkpointing:
-            model.enable_input_require_grads()
-    return model
+    return load_trainable(model_cfg or ctx.cfg.model, path, dtype=ctx.dtype, disable_dropout=disable_dropout,
+                          gradient_checkpointing=gradient_checkpointing, lora=ctx.cfg.lora if lora else None)
 
 
 def optim_spec(section, total_steps: int, world: int) -> OptimSpec:
@@ -174,15 +165,16 @@ def param_groups(ctx: Context, model, lr: float, weight_decay: float) -> List[di
     return lora_param_groups(model, ctx.cfg.lora, lr, weight_decay)
 
 
-def loaders(ctx: Context, section, name: str, train_ds, eval_ds, collate):
-    """Seeded distributed loaders for a stage's train/eval data, the loop spec and its step count."""
+def loaders(ctx: Context, section, name: str, train_ds, eval_ds, collate, rows_per_sample: int = 1):
+    """Seeded distributed loaders for a stage's train/eval data, the loop spec and its step count.
+    ``rows_per_sample``: 2 for preference pairs, so samples/s counts pairs (the field's convention)."""
     from rlhf.engine.trainer import LoopSpec, make_loader, total_steps
 
     seed = int(ctx.cfg.seed)
     loader = make_loader(train_ds, section.micro_batch_size, collate, ctx.rank, ctx.world, seed)
     eval_loader = make_loader(eval_ds, section.eval_batch_size, collate, ctx.rank, ctx.world, seed, shuffle=False)
     spec = LoopSpec(section.epochs, section.max_steps, section.eval_every, section.log_every,
-                    section.skip_nonfinite, section.grad_accum)
+                    section.skip_nonfinite, section.grad_accum, rows_per_sample)
     return loader, eval_loader, spec, total_steps(len(loader), spec, name)
 
 

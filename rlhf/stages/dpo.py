@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict
 import torch
 import torch.distributed as dist
 
-from rlhf.algos.logprobs import sequence_logprobs
+from rlhf.algos.logprobs import answer_mask, sequence_logprobs
 from rlhf.data.collate import PairCollator
 from rlhf.engine.setup import all_gather_cat
 from rlhf.stages import common
@@ -49,16 +49,75 @@ class DPOCollator(PairCollator):
 
 
 def answer_logprobs(model, batch) -> torch.Tensor:
-    """Summed log-probs [2B] of the answer tokens (chosen rows first) of a [2B, T] pair batch.
-
-    Answer tokens: real tokens (attention_mask 1) from ``prompt_len`` on, counted from each
-    sequence's first real token (any padding side).
-    """
+    """Summed log-probs [2B] of the answer tokens (chosen rows first) of a [2B, T] pair batch."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     logits = model(input_ids=ids, attention_mask=mask).logits
-    start = mask.argmax(dim=1) + batch["prompt_len"].repeat(2)  # first answer position per row
-    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    return sequence_logprobs(logits, ids, mask * (positions >= start.unsqueeze(1)))
+    return sequence_logprobs(logits, ids, answer_mask(mask, batch["prompt_len"].repeat(2)))
+
+
+# ---------------------------------------------------------------- the reference policy
+
+
+class FrozenCopy:
+    """A frozen copy of the starting policy (sharded like the policy under ZeRO-3)."""
+
+    name = "copy"
+
+    def __init__(self, engine, params: int):
+        self.engine, self.params = engine, params
+
+    @torch.no_grad()
+    def logprobs(self, batch) -> torch.Tensor:
+        return answer_logprobs(self.engine, batch)
+
+
+class AdaptersDisabled:
+    """With LoRA the policy's frozen base is the reference: the policy itself with its adapters
+    switched off (no second copy). Only adapters may train, or the reference would move."""
+
+    name, params = "adapters-disabled", 0
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @staticmethod
+    def freeze_base(model, only_optimize_lora: bool) -> None:
+        if not only_optimize_lora:
+            log.warning("dpo with LoRA trains the adapters only (the adapters-disabled model is the reference)")
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    @torch.no_grad()
+    def logprobs(self, batch) -> torch.Tensor:
+        was = self.engine.module.training
+        self.engine.eval()
+        with self.engine.module.disable_adapter():
+            out = answer_logprobs(self.engine, batch)
+        self.engine.train(was)
+        return out
+
+
+class Precomputed:
+    """The starting policy's log-probs of every pair, computed once before training and kept as
+    dataset columns (``ref_chosen``, ``ref_rejected``) that travel with their rows: no reference model."""
+
+    name, params = "precomputed", 0
+
+    def prepare(self, datasets, loader_of, engine, ctx) -> None:
+        was = engine.module.training
+        engine.eval()
+        for split, ds in datasets.items():
+            ref = _by_row(loader_of(ds, shuffle=False), lambda batch: answer_logprobs(engine, batch), len(ds), ctx)
+            datasets[split] = ds.add_column("ref_chosen", ref[:, 0].tolist()).add_column("ref_rejected",
+                                                                                        ref[:, 1].tolist())
+        engine.train(was)
+
+    def logprobs(self, batch) -> torch.Tensor:
+        return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+
+
+def reference_mode(sec, lora) -> str:
+    return "precomputed" if sec.precompute_ref else "adapters-disabled" if lora.rank > 0 else "copy"
 
 
 def run(cfg, run_dir=None) -> Dict[str, Any]:
@@ -72,8 +131,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     sec, actor = cfg.dpo, cfg.actor
     # 1. start
     ctx = common.start(cfg, "dpo", run_dir)
-    # 2. data (step 2's share: the pairs the reward model would have used)
-    path = common.model_path(ctx, sec.init_from, model_cfg=actor)  # a tiny actor's path may be a directory
+    # 2. data (step 2's share: the pairs the reward model would have used), a row index per pair
+    path = common.model_path(ctx, sec.init_from, model_cfg=actor)
     tokenizer = common.load_tokenizer(ctx, path, model_cfg=actor)
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
     data_stats: dict = {}
@@ -85,61 +144,37 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
                                                                                   ("eval", eval_ds))}
     collate = DPOCollator(tokenizer.pad_token_id, tokenizer.padding_side)
 
-    def loaders():
-        return (make_loader(datasets["train"], sec.micro_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed)),
-                make_loader(datasets["eval"], sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed),
-                            shuffle=False))
+    def loader_of(ds, shuffle=True):
+        size = sec.micro_batch_size if shuffle else sec.eval_batch_size
+        return make_loader(ds, size, collate, ctx.rank, ctx.world, int(cfg.seed), shuffle=shuffle)
 
-    loader, eval_loader = loaders()
-    spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum)
-    n_steps = total_steps(len(loader), spec)
-    # 3. model, engine, reference
-    mode = "precomputed" if sec.precompute_ref else "adapters-disabled" if cfg.lora.rank > 0 else "copy"
+    spec = LoopSpec(sec.epochs, sec.max_steps, sec.eval_every, sec.log_every, sec.skip_nonfinite, sec.grad_accum,
+                    rows_per_sample=2)  # samples/s counts pairs
+    n_steps = total_steps(len(loader_of(datasets["train"])), spec)
+    # 3. policy, engine and the reference
+    mode = reference_mode(sec, cfg.lora)
     model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
                                gradient_checkpointing=sec.gradient_checkpointing, model_cfg=actor)
-    if mode == "adapters-disabled":  # the reference is the base: it must not move
-        if not cfg.lora.only_optimize_lora:
-            log.warning("dpo with LoRA trains the adapters only (the adapters-disabled model is the reference)")
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
+    if mode == "adapters-disabled":
+        AdaptersDisabled.freeze_base(model, cfg.lora.only_optimize_lora)
     engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
-    ref_params = 0
     if mode == "copy":
         ref_model = common.load_policy(ctx, path, disable_dropout=True, gradient_checkpointing=False, lora=False,
                                        model_cfg=actor)
-        ref_params = count_params(ref_model)[0]
-        reference = build_eval_engine(ref_model, cfg.zero, cfg.hardware, ctx.world, stage=cfg.zero.stage,
-                                      offload=cfg.zero.offload_param, micro_batch_size=sec.micro_batch_size)
-
-    @torch.no_grad()
-    def ref_logprobs(batch) -> torch.Tensor:
-        """Reference log-probs [2B] of a batch (chosen rows first), always without dropout."""
-        if mode == "precomputed":
-            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
-        if mode == "copy":
-            return answer_logprobs(reference, batch)
-        was = engine.module.training
-        engine.eval()
-        with engine.module.disable_adapter():
-            out = answer_logprobs(engine, batch)
-        engine.train(was)
-        return out
-
-    if mode == "precomputed":  # the starting policy is the reference: score every pair once
-        was = engine.module.training
-        engine.eval()
-        for split, ds in datasets.items():
-            rows = make_loader(ds, sec.eval_batch_size, collate, ctx.rank, ctx.world, int(cfg.seed), shuffle=False)
-            ref = _by_row(rows, lambda batch: answer_logprobs(engine, batch), len(ds), ctx)
-            datasets[split] = ds.add_column("ref_chosen", ref[:, 0].tolist()).add_column("ref_rejected",
-                                                                                        ref[:, 1].tolist())
-        engine.train(was)
-        loader, eval_loader = loaders()
+        reference = FrozenCopy(build_eval_engine(ref_model, cfg.zero, cfg.hardware, ctx.world, stage=cfg.zero.stage,
+                                                 offload=cfg.zero.offload_param, micro_batch_size=sec.micro_batch_size),
+                               count_params(ref_model)[0])
+    elif mode == "adapters-disabled":
+        reference = AdaptersDisabled(engine)
+    else:
+        reference = Precomputed()
+        reference.prepare(datasets, loader_of, engine, ctx)
+    loader, eval_loader = loader_of(datasets["train"]), loader_of(datasets["eval"], shuffle=False)
 
     def step_fn(batch):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         b = batch["prompt_len"].shape[0]
-        logp, ref = answer_logprobs(engine, batch), ref_logprobs(batch)
+        logp, ref = answer_logprobs(engine, batch), reference.logprobs(batch)
         loss, stats = dpo_loss(sec.loss, logp[:b], logp[b:], ref[:b], ref[b:], sec.beta, sec.label_smoothing)
         return loss, {k: float(v) for k, v in stats.items()}
 
@@ -149,7 +184,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         engine.eval()
         n = len(datasets["eval"])
         logp = _by_row(eval_loader, lambda batch: answer_logprobs(engine, batch), n, ctx)  # [N, 2]
-        ref = _by_row(eval_loader, ref_logprobs, n, ctx)
+        ref = _by_row(eval_loader, reference.logprobs, n, ctx)
         engine.train(was)
         loss, stats = dpo_loss(sec.loss, logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], sec.beta, sec.label_smoothing)
         # the policy's own preference (logp chosen > rejected): unlike the implicit-reward accuracy
@@ -170,7 +205,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
     rules = common.heldout_rule_rates(ctx, engine.module, tokenizer)
     return common.finish(ctx, {
-        "stage": "dpo", "model_dir": str(model_dir), "reference": mode, "reference_params": ref_params,
+        "stage": "dpo", "model_dir": str(model_dir), "reference": reference.name, "reference_params": reference.params,
         "loss": metrics["loss"], "acc": metrics["accuracy"], "chosen_reward": metrics["chosen_reward"],
         "rejected_reward": metrics["rejected_reward"], "margin": metrics["margin"],
         "logp_accuracy": metrics["logp_accuracy"], "logp_accuracy_initial": initial["logp_accuracy"],

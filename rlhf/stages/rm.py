@@ -48,8 +48,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.tokenize import tokenize_pairs
     from rlhf.engine.setup import all_gather_cat
     from rlhf.engine.trainer import fit
-    from rlhf.models.lora import apply_lora
-    from rlhf.models.reward import load_reward_model, save_reward_model
+    from rlhf.models.build import load_trainable
+    from rlhf.models.reward import save_reward_model
 
     sec = cfg.rm
     # 1. start
@@ -67,13 +67,10 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # prompt positions (the divergent loss compares them token by token), and in a causal model
     # padding after the last real token cannot change the score read there.
     collate = PairCollator(tokenizer.pad_token_id, "right")
-    loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "rm", train_ds, eval_ds, collate)
+    loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "rm", train_ds, eval_ds, collate, rows_per_sample=2)
     # 3. model and engine
-    model = load_reward_model(cfg.model, path, dtype=ctx.dtype, disable_dropout=sec.disable_dropout)
-    if sec.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.lora.rank > 0:
-        model.base = apply_lora(model.base, cfg.lora, common.family(ctx, path))
+    model = load_trainable(cfg.model, path, kind="reward", dtype=ctx.dtype, disable_dropout=sec.disable_dropout,
+                           gradient_checkpointing=sec.gradient_checkpointing, lora=cfg.lora)
     engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
 
     def step_fn(batch):
