@@ -43,7 +43,11 @@ def resolve(cfg: DictConfig) -> DictConfig:
 def main(cfg: DictConfig):
     from launchers import launch
 
-    metrics = launch(resolve(cfg))
+    try:
+        metrics = launch(resolve(cfg))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop: one line, no traceback
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
     # Sweepers (Optuna) read the objective from the return value.
     return metrics.get("objective") if isinstance(metrics, dict) else None
 

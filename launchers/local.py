@@ -100,7 +100,12 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     task = None if cfg.stage.inline else slurm_task(world_size(cfg))
     multirun = in_multirun()
+    held = False
     try:
+        if task is None and not cfg.launch.dry_run:  # lock the run dir, refuse another run's; before config.yaml
+            from rlhf.engine.rundir import claim
+
+            held = claim(cfg, run_dir)
         if task is not None:  # one task of a Slurm job (hydra/launcher=submitit_slurm): this process is a rank
             return _run_as_slurm_rank(cfg, run_dir, task)
         _preflight(cfg)
@@ -110,9 +115,18 @@ def launch(cfg: DictConfig) -> Dict[str, Any]:
             _stop_if_refused(err)
             raise
         log.error("job failed; the sweep goes on: %s", err)
+        from rlhf.engine.rundir import RunDirInUse, RunDirTaken
+
+        if isinstance(err, (RunDirInUse, RunDirTaken)):  # the directory is another run's: write nothing there
+            return dict(classify(err), objective=None)
         if task is not None and task.rank != 0:  # rank 0 of a Slurm job writes the job's summary
             return dict(classify(err), objective=None)
         return record_failure(run_dir, err, cfg)
+    finally:
+        if held:
+            from rlhf.engine.rundir import release
+
+            release(run_dir)
 
 
 def _preflight(cfg: DictConfig) -> None:
@@ -268,11 +282,22 @@ def write_failure(run_dir: Path, err: BaseException, rank: int) -> None:
         log.exception("could not write the failure report")
 
 
+# A rank's error that says a peer vanished (killed) or stopped answering (collective timeout).
+PEER_ERRORS = ("connection reset", "broken pipe", "connection closed", "closed by peer", "timed out",
+               "timeout", "connection refused", "socket closed")
+
+
 def worker_failure(run_dir: Path, returncode: int, n: int = 1) -> RunFailed:
     """The error of the lowest failing rank, or what the exit code says (-9/137: killed, likely host OOM)."""
     reports = sorted(run_dir.glob("failure-rank*.json"), key=lambda p: int(p.stem.split("rank")[-1] or 0))
     if reports:
         r = json.loads(reports[0].read_text())
+        silent = sorted(set(range(n)) - {int(p.stem.split("rank")[-1] or 0) for p in reports})
+        if n > 1 and silent and any(s in r["error"].lower() for s in PEER_ERRORS):
+            # the reporting ranks failed because a peer vanished or stopped answering: name that peer
+            who = ", ".join(f"rank {k}" for k in silent)
+            return RunFailed(f"{who} died or stopped responding (no error report; killed, crashed or stuck); "
+                             f"rank {r.get('rank', '?')} then failed waiting for it: {r['error']}", "failed", "RankLost")
         where = f"rank {r.get('rank', '?')}: " if n > 1 else ""
         return RunFailed(f"{where}{r['error']}", r["status"], r.get("error_type", ""))
     if returncode in (-9, 137):

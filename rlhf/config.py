@@ -253,6 +253,7 @@ class CheckpointConfig:
     every_n_steps: int = 0  # 0 = off (the final model is always saved)
     every_minutes: float = 0.0
     keep_last: int = 2
+    trust: bool = False  # load a foreign checkpoint whose DeepSpeed files need full unpickling (runs code: trusted files only)
 
 
 @dataclass
@@ -272,6 +273,7 @@ class LaunchConfig:
     dry_run: bool = False  # print the command(s) that would start the ranks, start nothing
     omp_threads: int = 0  # threads per CPU rank; 0 = cores / ranks
     isolate_jobs: bool = True  # multirun: each job in its own process (own memory peaks, failures contained)
+    timeout_s: float = 300.0  # a collective waiting longer than this for another rank fails, naming it (DeepSpeed's default: 30 min)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # hardware.launcher=slurm
 
 
@@ -310,12 +312,19 @@ class Config:
     anomaly: bool = False  # torch autograd anomaly detection: names the op that made a NaN/inf (slow; debug=anomaly)
     resume: Optional[str] = None  # auto | <checkpoint path>
     run_dir: str = ""  # "" = Hydra's output dir for this job
+    run_dir_mode: str = "new"  # new (refuse a run_dir holding another run) | overwrite (move the old run aside)
     cache_dir: str = ""  # tiny models, demo data, tokenised data; "" = <project>/.cache
 
 
 def register() -> None:
+    from omegaconf import OmegaConf
+
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)  # config.yaml lists it first: every group is typed
+    # conf/config.yaml: with run_dir set, Hydra's own files (run.log) go there, not to outputs/
+    if not OmegaConf.has_resolver("run_dir_or"):
+        OmegaConf.register_new_resolver("run_dir_or", lambda run_dir, default: run_dir or default)
+        OmegaConf.register_new_resolver("hydra_subdir", lambda run_dir: None if run_dir else ".hydra")
 
 
 # Groups whose option names are numbers ("zero=2"): Hydra's override grammar would read the value
@@ -470,6 +479,7 @@ CHOICES: Dict[str, tuple] = {
     "dpo.scheduler": ("cosine", "linear", "constant"), "ppo.scheduler": ("cosine", "linear", "constant"),
     "rm.loss_mode": ("divergent", "last"), "ppo.reward_baseline": ("none", "group"),
     "ppo.hybrid_gather": ("once", "per_layer"), "pipeline.algo": ("ppo", "dpo", "grpo"),
+    "run_dir_mode": ("new", "overwrite"),
 }
 # keys that must be >= 1 / >= 0
 AT_LEAST_ONE = ("sft.epochs", "rm.epochs", "dpo.epochs", "ppo.epochs", "sft.grad_accum", "rm.grad_accum",
@@ -501,6 +511,8 @@ def _rules(cfg) -> List[str]:
     steps = list(cfg.pipeline.steps)
     if not steps or any(s not in (1, 2, 3) for s in steps):
         errors.append(f"pipeline.steps must be a non-empty subset of [1, 2, 3], got {steps}")
+    if cfg.launch.timeout_s <= 0:
+        errors.append(f"launch.timeout_s={cfg.launch.timeout_s}: must be > 0 (seconds a collective waits for a rank)")
     if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":
         errors.append(f"hardware.backend={cfg.hardware.backend} needs GPUs; the CPU runs on gloo")
     return errors

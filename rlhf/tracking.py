@@ -1,7 +1,9 @@
 """Run tracking: metrics.jsonl and summary.json always, W&B when enabled, a progress bar.
 
-Only rank 0 writes. W&B runs offline unless the user is logged in, so it never blocks on a
-missing network; an offline run can be uploaded later with ``wandb sync <run_dir>/wandb``.
+Only rank 0 writes. W&B runs offline unless the user is logged in (and ``WANDB_MODE`` does not
+say offline/disabled), so it never blocks on a missing network; an offline run can be uploaded
+later with ``wandb sync <run_dir>/wandb``. ``metrics.jsonl`` is fsynced at every checkpoint, and a
+torn last line (a kill mid-write) is dropped when the file is reopened.
 """
 from __future__ import annotations
 
@@ -48,15 +50,38 @@ def _clean(v):
 
 
 def wandb_mode(requested: str) -> str:
-    """auto: online when an API key is configured, offline otherwise."""
+    """auto: online when an API key is configured and ``WANDB_MODE`` is not offline/disabled;
+    offline otherwise. online/offline/disabled are taken as asked."""
     if requested != "auto":
         return requested
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return "offline"
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     netrc = Path.home() / ".netrc"
     if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return "online"
     return "offline"
+
+
+def _read_rows(path: Path, rewrite: bool = False) -> list:
+    """The rows of a metrics.jsonl; a torn (unparsable) last line is dropped, and with ``rewrite``
+    removed from the file, so appending continues on a clean line."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON (only a torn last line is skipped)") from None
+            log.warning("%s: dropping a torn last line (%d bytes)", path, len(ln))
+    if rewrite and (len(rows) != len(lines) or (text and not text.endswith("\n"))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def peak_memory() -> Dict[str, float]:
@@ -90,9 +115,11 @@ class Tracker:
         self.t0 = time.perf_counter()
         self._wandb = None
         self.run_id: Optional[str] = resume_id
+        self.config = config  # checkpoints keep it: a resume compares its settings against it
         if rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rows = len(_read_rows(self.run_dir / "metrics.jsonl", rewrite=True))
         self._file = open(self.run_dir / "metrics.jsonl", "a")
         if logger.wandb and logger.mode != "disabled":
             self._start_wandb(config, name, resume_id)
@@ -112,15 +139,27 @@ class Tracker:
         self.run_id = self._wandb.id
         log.info("W&B run %s (%s)", self.run_id, mode)
 
-    def truncate(self, step: int) -> None:
-        """Drop metric rows logged after ``step`` (a resumed run redoes them)."""
+    def truncate(self, step: int, rows: Optional[int] = None) -> None:
+        """Drop metric rows logged after ``step`` or, when ``rows`` is given (the count a checkpoint
+        recorded), every row after the first ``rows``: a resumed run redoes them. ``last`` is
+        restored from the rows kept, so final metrics of a run resumed at its end are intact."""
         if self.rank != 0:
             return
         path = self.run_dir / "metrics.jsonl"
         self._file.close()
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        kept = [r for r in _read_rows(path) if r.get("step", 0) <= step]
+        if rows is not None:
+            kept = kept[:rows]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.rows = len(kept)
+        self.last = {k: v for r in kept for k, v in r.items() if k not in ("step", "time_s")}
         self._file = open(path, "a")
+
+    def sync(self) -> None:
+        """Flush metrics.jsonl to disk (called at every checkpoint)."""
+        if self.rank == 0 and not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         metrics = {k: _clean(v) for k, v in metrics.items()}
@@ -130,6 +169,7 @@ class Tracker:
         row = {"step": step, "time_s": round(time.perf_counter() - self.t0, 3), **metrics}
         self._file.write(json.dumps(row, default=_jsonable) + "\n")
         self._file.flush()
+        self.rows += 1
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 

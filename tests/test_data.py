@@ -375,15 +375,16 @@ CASES = {
             "chosen": " Rayleigh scattering makes it blue.",
             "rejected": " Because of the ocean.",
         },
-        (9, 1),  # 10 usable (tie dropped), 9:1 cut
+        (10, 1),  # 11 usable (a tie keeps answer_0 chosen, as DeepSpeed-Chat), 9:1 cut
     ),
     "stanfordnlp/SHP": (
         _mk_shp,
         {"prompt": " Human: Is tea good? Assistant:", "chosen": " Yes, tea is good.", "rejected": " No."},
         (2, 1),
     ),
-    "local/jsonfile": (_mk_local_json, {"prompt": "Human: Hi\n Assistant:", "chosen": " Hello!", "rejected": " Go."}, (2, 1)),
-    "local/sftjson": (_mk_local_sft, {"prompt": "Human: Hi\n Assistant:", "answer": " Hello!"}, (2, 1)),
+    # DeepSpeed-Chat's LocalJsonFileDataset: " " + prompt, " " + answer
+    "local/jsonfile": (_mk_local_json, {"prompt": " Human: Hi\n Assistant:", "chosen": " Hello!", "rejected": " Go."}, (2, 1)),
+    "local/sftjson": (_mk_local_sft, {"prompt": " Human: Hi\n Assistant:", "answer": " Hello!"}, (2, 1)),
     "demo": (_mk_demo, None, (30, 3)),
     "demo-sft": (_mk_demo, None, (30, 3)),
 }
@@ -413,8 +414,9 @@ def test_source_maps_local_copy(tmp_path, name):
 
 
 def test_strip_citations():
+    # DeepSpeed-Chat's two regexes: any [...] or (...) group goes, with the space before it
     assert strip_citations("A [1] b [2, 3] c [4-5].") == "A b c."
-    assert strip_citations("Keep (this) and [note].") == "Keep (this) and [note]."
+    assert strip_citations("Sky (1) blue(2) and [note].") == "Sky blue and."
 
 
 def test_bad_rows_skipped_and_counted(tmp_path, caplog):

@@ -63,7 +63,9 @@ def _losses(run_dir: Path):
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_kill_and_resume_matches_uninterrupted(tmp_path, step_models, stage):
     args, key = STAGES[stage]
-    args = [*args, f"actor.path={step_models[0]}", f"critic.path={step_models[1]}"]
+    # each stage is given only the model roles it reads (rm trains `model`; only ppo has a critic)
+    args = [*args, *([f"actor.path={step_models[0]}"] if stage != "rm" else []),
+            *([f"critic.path={step_models[1]}"] if stage == "ppo" else [])]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     cli(*args, run_dir=whole)
     # kill -9 right after a random checkpoint (step 4 or 8) is complete

@@ -73,12 +73,13 @@ def _concat_shuffle(parts: list, columns: tuple[str, ...], seed: int):
     return ds.shuffle(seed=seed)
 
 
-def build_step_data(data_cfg, step: int, cache_dir, seed: int):
+def build_step_data(data_cfg, step: int, cache_dir, seed: int, stats: dict | None = None):
     """(train, eval) ``datasets.Dataset`` for pipeline step 1, 2 or 3 (see the module doc).
 
     ``data_cfg`` is a :class:`rlhf.config.DataConfig`; ``cache_dir`` holds the raw and mapped
     source caches and generated demo data; ``seed`` drives the data_split permutation, the 9:1
-    eval cuts and the final shuffle. Logs, per source, the rows kept and skipped as bad.
+    eval cuts and the final shuffle. Logs, per source, the rows kept and skipped as bad; a
+    ``stats`` dict given is filled with ``bad_rows``: the train rows the sources skipped as bad.
     """
     if step not in (1, 2, 3):
         raise ValueError(f"step must be 1, 2 or 3, got {step!r}")
@@ -90,36 +91,43 @@ def build_step_data(data_cfg, step: int, cache_dir, seed: int):
         raise ValueError(f"data config {getattr(data_cfg, 'name', '?')!r} has no sources for step {step}")
 
     train_parts, eval_parts = [], []
-    for src_cfg in sources:
+    bad_rows = 0
+    for i, src_cfg in enumerate(sources):
         source = get_source(src_cfg.name)
         if source.kind != "pairs":
             raise ValueError(
                 f"source {source.name!r} holds single answers, not pairs: list it under data.sft_only (step 1 only)"
             )
-        train, eval_, stats = load_source_with_stats(src_cfg, cache_dir, seed=seed, demo_size=data_cfg.demo_size)
+        train, eval_, stats_ = load_source_with_stats(src_cfg, cache_dir, seed=seed, demo_size=data_cfg.demo_size,
+                                                     key=f"data.sources.{i}.path")
         t = train.select(weighted(split_indices(len(train), data_cfg.data_split, seed)[step - 1], src_cfg.weight))
         e = eval_.select(weighted(split_indices(len(eval_), data_cfg.data_split, seed)[step - 1], src_cfg.weight))
         if step == 1:
             t, e = _as_sft(t), _as_sft(e)
         train_parts.append(t)
         eval_parts.append(e)
+        bad_rows += stats_["train_bad"]
         logger.info(
             "step %d: source %s keeps %d train / %d eval rows (share %d of %s, weight %g); skipped as bad: %d train, %d eval",
             step, source.name, len(t), len(e), step, data_cfg.data_split, src_cfg.weight,
-            stats["train_bad"], stats["eval_bad"],
+            stats_["train_bad"], stats_["eval_bad"],
         )
-    for src_cfg in sft_only:
+    for i, src_cfg in enumerate(sft_only):
         source = get_source(src_cfg.name)
-        train, eval_, stats = load_source_with_stats(src_cfg, cache_dir, seed=seed, demo_size=data_cfg.demo_size)
+        train, eval_, stats_ = load_source_with_stats(src_cfg, cache_dir, seed=seed, demo_size=data_cfg.demo_size,
+                                                     key=f"data.sft_only.{i}.path")
         t = _as_sft(train.select(weighted(np.arange(len(train)), src_cfg.weight)))
         e = _as_sft(eval_.select(weighted(np.arange(len(eval_)), src_cfg.weight)))
         train_parts.append(t)
         eval_parts.append(e)
+        bad_rows += stats_["train_bad"]
         logger.info(
             "step 1: sft-only source %s keeps %d train / %d eval rows (whole, weight %g); skipped as bad: %d train, %d eval",
-            source.name, len(t), len(e), src_cfg.weight, stats["train_bad"], stats["eval_bad"],
+            source.name, len(t), len(e), src_cfg.weight, stats_["train_bad"], stats_["eval_bad"],
         )
 
+    if stats is not None:
+        stats["bad_rows"] = bad_rows
     columns = SFT_COLUMNS if step == 1 else PAIR_COLUMNS
     train_ds = _concat_shuffle(train_parts, columns, seed)
     eval_ds = _concat_shuffle(eval_parts, columns, seed)

@@ -14,13 +14,17 @@ Dahoas/synthetic-instruct-gptj-pairwise     prompt -> " Human: " + prompt + " As
 yitingxie/rlhf-reward-datasets              prompt + "Assistant:"; answer = text after the last
                                             "Assistant:" of chosen / rejected
 openai/webgpt_comparisons                   " Human: " + question.full_text + " Assistant:";
-                                            chosen = higher score (ties dropped), citation
-                                            marks like [1] removed; eval = 9:1 cut
+                                            chosen = answer_0 if score_0 >= score_1 (a tie
+                                            keeps answer_0 chosen), " " + answer; bracketed
+                                            marks like [1] or (2) removed as DeepSpeed-Chat's
+                                            regexes do; eval = 9:1 cut
 stanfordnlp/SHP                             " Human: " + history + " Assistant:"; labels 1 ->
                                             human_ref_A chosen, 0 -> human_ref_B
-local/jsonfile, demo                        {"prompt","chosen","rejected"}; prompt and answer
-                                            joined with a single space
-local/sftjson, demo-sft                     {"prompt","answer"}; joined with a single space
+local/jsonfile                              {"prompt","chosen","rejected"} as DeepSpeed-Chat
+                                            joins them: " " + prompt, " " + chosen/rejected
+local/sftjson                               {"prompt","answer"}: " " + prompt, " " + answer
+demo, demo-sft                              the same fields; one space between prompt and
+                                            answer (none added when either side has it)
 ==========================================  ==================================================
 
 Where the data comes from (``SourceConfig.path``):
@@ -45,6 +49,7 @@ showing the first bad row. Mapped rows are Arrow datasets cached under ``<cache_
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -55,7 +60,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-_MAP_VERSION = 1  # bump when a mapping changes: invalidates the mapped-row caches
+_MAP_VERSION = 2  # bump when a mapping changes: invalidates the mapped-row caches
 EVAL_SPLIT_NAMES = ("eval", "test", "validation", "valid", "dev")
 _SPLIT_NAMES = ("train",) + EVAL_SPLIT_NAMES
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -92,7 +97,7 @@ def _pair(prompt, chosen, rejected) -> dict | None:
 
 
 def _join(prompt: str, answer: str) -> str:
-    """The answer as it follows the prompt: joined by a single space (local/jsonfile)."""
+    """The answer as it follows the prompt: joined by a single space (the demo task)."""
     if prompt[-1:].isspace() or answer[:1].isspace():
         return answer
     return " " + answer
@@ -122,12 +127,10 @@ def yitingxie_row(rec: dict) -> dict | None:
     return _pair(prompt, c.split("Assistant:")[-1], r.split("Assistant:")[-1])
 
 
-_CITATION = re.compile(r"\s*\[\d+(?:\s*[,\-\u2013]\s*\d+)*\]")
-
-
 def strip_citations(text: str) -> str:
-    """Remove citation marks like ``[1]``, ``[1, 2]``, ``[3-5]`` (and the space before them)."""
-    return _CITATION.sub("", text).strip()
+    """DeepSpeed-Chat's webgpt clean-up: every ``[...]`` or ``(...)`` group is removed (with the
+    space before it), citation marks like ``[1]`` and ``(2)`` included."""
+    return re.sub(r"[\(\[].*?[\)\]]", "", re.sub(r" [\(\[].*?[\)\]]", "", text))
 
 
 def _number(v) -> float | None:
@@ -139,9 +142,10 @@ def webgpt_row(rec: dict) -> dict | None:
     question = q.get("full_text") if isinstance(q, dict) else rec.get("question.full_text")
     a0, a1 = _text(rec, "answer_0"), _text(rec, "answer_1")
     s0, s1 = _number(rec.get("score_0")), _number(rec.get("score_1"))
-    if not isinstance(question, str) or a0 is None or a1 is None or s0 is None or s1 is None or s0 == s1:
+    if not isinstance(question, str) or a0 is None or a1 is None or s0 is None or s1 is None:
         return None
-    chosen, rejected = (a0, a1) if s0 > s1 else (a1, a0)
+    chosen = a0 if s0 >= s1 else a1  # DeepSpeed-Chat: a tie keeps answer_0 as chosen, answer_1 as rejected
+    rejected = a0 if s0 < s1 else a1
     chosen, rejected = strip_citations(chosen), strip_citations(rejected)
     if not chosen or not rejected:
         return None
@@ -157,13 +161,28 @@ def shp_row(rec: dict) -> dict | None:
 
 
 def local_json_row(rec: dict) -> dict | None:
+    """DeepSpeed-Chat's LocalJsonFileDataset: prompt " " + prompt, answers " " + answer."""
+    p, c, r = _text(rec, "prompt"), _text(rec, "chosen"), _text(rec, "rejected")
+    if p is None or c is None or r is None:
+        return None
+    return _pair(" " + p, " " + c, " " + r)
+
+
+def local_sft_row(rec: dict) -> dict | None:
+    p, a = _text(rec, "prompt"), _text(rec, "answer")
+    if p is None or a is None:
+        return None
+    return {"prompt": " " + p, "answer": " " + a}
+
+
+def demo_row(rec: dict) -> dict | None:
     p, c, r = _text(rec, "prompt"), _text(rec, "chosen"), _text(rec, "rejected")
     if p is None or c is None or r is None:
         return None
     return _pair(p, _join(p, c), _join(p, r))
 
 
-def local_sft_row(rec: dict) -> dict | None:
+def demo_sft_row(rec: dict) -> dict | None:
     p, a = _text(rec, "prompt"), _text(rec, "answer")
     if p is None or a is None:
         return None
@@ -186,8 +205,8 @@ SOURCES: dict[str, Source] = {
         Source("stanfordnlp/SHP", "stanfordnlp/SHP", ("train", "validation"), shp_row),
         Source("local/jsonfile", None, ("train", "eval"), local_json_row),
         Source("local/sftjson", None, ("train", "eval"), local_sft_row, kind="sft"),
-        Source("demo", None, ("train", "eval"), local_json_row),
-        Source("demo-sft", None, ("train", "eval"), local_sft_row, kind="sft"),
+        Source("demo", None, ("train", "eval"), demo_row),
+        Source("demo-sft", None, ("train", "eval"), demo_sft_row, kind="sft"),
     ]
 }
 
@@ -239,13 +258,60 @@ def _split_of(f: Path, root: Path) -> str | None:
     return None
 
 
+def check_json_file(f: Path) -> None:
+    """Fail naming ``f`` when a .json/.jsonl file holds no rows or is not JSON: 0 bytes, not UTF-8,
+    truncated or malformed (line and column), a single object instead of a list, an empty list."""
+    size = f.stat().st_size
+    if size == 0:
+        raise ValueError(f"{f}: the file is empty (0 bytes); expected a JSON list of rows (or one JSON object per line)")
+    raw = f.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{f}: the file holds only whitespace; expected a JSON list of rows")
+    try:
+        data = json.loads(text)
+    except ValueError as whole:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        for i, ln in enumerate(lines, 1):  # JSON lines?
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                if i == 1 or len(lines) == 1:
+                    raise ValueError(f"{f}: not valid JSON ({whole.msg} at line {whole.lineno} column {whole.colno}); "
+                                     "the file may be truncated") from None
+                raise ValueError(f"{f}: line {i} is not valid JSON (JSON lines file truncated or damaged?)") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{f}: line {i} is a JSON {type(row).__name__}, expected an object per line") from None
+        return
+    if isinstance(data, dict) and f.suffix.lower() == ".json" and not any(isinstance(v, list) for v in data.values()):
+        raise ValueError(f"{f}: a single JSON object; expected a list of rows [{{...}}, ...] (or one object per line)")
+    if isinstance(data, list) and not data:
+        raise ValueError(f"{f}: an empty JSON list: no rows")
+    if not isinstance(data, (list, dict)):
+        raise ValueError(f"{f}: a JSON {type(data).__name__}; expected a list of rows")
+
+
 def _load_files(files: list[Path], hf_cache: Path):
     from datasets import load_dataset
 
     builders = {_BUILDERS[f.suffix.lower()] for f in files}
     if len(builders) > 1:
         raise ValueError(f"mixed file formats in one split: {[str(f) for f in files]}")
-    return load_dataset(builders.pop(), data_files=[str(f) for f in sorted(files)], split="train", cache_dir=str(hf_cache))
+    builder = builders.pop()
+    for f in files:
+        if builder == "json":
+            check_json_file(f)
+        elif f.stat().st_size == 0:
+            raise ValueError(f"{f}: the file is empty (0 bytes)")
+    try:
+        return load_dataset(builder, data_files=[str(f) for f in sorted(files)], split="train", cache_dir=str(hf_cache))
+    except Exception as e:  # datasets' own errors name no file: name them and the cause
+        cause = e.__cause__ or e.__context__ or e
+        raise ValueError(f"{', '.join(str(f) for f in files)}: could not be read as {builder} "
+                         f"({type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''})") from e
 
 
 def _pick(available: dict, splits: tuple[str, str | None], where: str):
@@ -263,7 +329,7 @@ def _pick(available: dict, splits: tuple[str, str | None], where: str):
     return train, None
 
 
-def _load_raw(location: str, source: Source, hf_cache: Path):
+def _load_raw(location: str, source: Source, hf_cache: Path, key: str | None = None):
     """Raw (train, eval or None) datasets from a local path or a hub id."""
     import datasets
 
@@ -293,8 +359,9 @@ def _load_raw(location: str, source: Source, hf_cache: Path):
             raise ValueError(f"{where}: cannot tell the splits of {[str(f) for f in files]}; name files train.*/eval.*")
         loaders = {k: (lambda fs=fs: _load_files(fs, hf_cache)) for k, fs in by_split.items()}
         return _pick(loaders, source.splits, where)
-    if location.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"{where}: path does not exist")
+    if location.startswith(("/", "./", "../", "~")) or source.hub_id is None:
+        raise FileNotFoundError(f"{where}: no such file or directory ({key or 'its path'}; a local source reads "
+                                "train.json and eval.json from a directory)")
     return _pick(dict(datasets.load_dataset(location, cache_dir=str(hf_cache))), source.splits, where)
 
 
@@ -372,8 +439,9 @@ def eval_cut(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
-def load_source_with_stats(src_cfg, cache_dir, *, seed: int = 1234, demo_size: int = 2000):
-    """Like :func:`load_source`, plus a stats dict: rows kept and skipped per split, location."""
+def load_source_with_stats(src_cfg, cache_dir, *, seed: int = 1234, demo_size: int = 2000, key: str | None = None):
+    """Like :func:`load_source`, plus a stats dict: rows kept and skipped per split, location.
+    ``key`` names the config key of the source's path in error messages (``data.sources.0.path``)."""
     source = get_source(src_cfg.name)
     cache_dir = Path(cache_dir)
     if source.name in ("demo", "demo-sft"):
@@ -383,9 +451,10 @@ def load_source_with_stats(src_cfg, cache_dir, *, seed: int = 1234, demo_size: i
     elif source.hub_id is not None:
         location = source.hub_id
     else:
-        raise ValueError(f"source {source.name!r} has no hub id: set its path (a directory with train.json/eval.json)")
+        raise ValueError(f"source {source.name!r} has no hub id: set its path ({key or 'path'}=<a directory with "
+                         "train.json and eval.json>)")
 
-    raw_train, raw_eval = _load_raw(location, source, cache_dir / "hf")
+    raw_train, raw_eval = _load_raw(location, source, cache_dir / "hf", key)
     train, bad_train, first_bad = _map_rows(raw_train, source, cache_dir / "sources")
     if len(train) == 0:
         detail = f"first bad row: {_short(first_bad)}" if first_bad is not None else "the train split is empty"

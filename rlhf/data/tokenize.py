@@ -108,6 +108,23 @@ def _cached_map(ds, kind: str, tokenizer, options: dict, cache_dir, reload: bool
     return out, stats
 
 
+FILTERS = {  # why a row is dropped -> the setting that decides it
+    "too_long": "the prompt alone is longer than {key}={limit} tokens",
+    "identical": "chosen and rejected are identical after tokenisation and truncation to {key}={limit}",
+    "empty": "the prompt tokenises to nothing",
+}
+
+
+def require_rows(ds, stats: dict, kind: str, key: str, limit: int):
+    """``(ds, stats)`` unchanged, or a ``ValueError`` naming the filter when no row survived."""
+    n = stats.get("dropped", 0)
+    if len(ds) > 0 or n == 0:  # kept rows, or none to start with (the loop names an empty train split)
+        return ds, stats
+    why = "; ".join(f"{stats[r]} because {FILTERS[r].format(key=key, limit=limit)}" for r in FILTERS if stats.get(r))
+    raise ValueError(f"tokenizing {kind}: all {n} rows were dropped ({why}); raise {key} (now {limit}) or use "
+                     "shorter data")
+
+
 def _ids_features(*int_columns: str, text_columns: tuple[str, ...] = ()):
     from datasets import Features, List, Value
 
@@ -162,7 +179,8 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 # the four tokenisers
 
 
-def tokenize_sft(ds, tokenizer, max_seq_len: int, mask_prompt: bool, cache_dir, reload: bool = False):
+def tokenize_sft(ds, tokenizer, max_seq_len: int, mask_prompt: bool, cache_dir, reload: bool = False,
+                 key: str = "<stage>.max_seq_len"):
     """Rows {"prompt", "answer"} (or "chosen") -> columns ``input_ids``, ``labels``, ``prompt_len``.
 
     Truncated to ``max_seq_len``; ``labels`` equal ``input_ids`` with the prompt tokens set to
@@ -192,10 +210,11 @@ def tokenize_sft(ds, tokenizer, max_seq_len: int, mask_prompt: bool, cache_dir, 
 
     opts = {"max_seq_len": max_seq_len, "mask_prompt": bool(mask_prompt), "answer": answer_col}
     feats = _ids_features("input_ids", "labels", "prompt_len")
-    return _cached_map(ds, "sft", tokenizer, opts, cache_dir, reload, build, feats)
+    return require_rows(*_cached_map(ds, "sft", tokenizer, opts, cache_dir, reload, build, feats), "sft", key, max_seq_len)
 
 
-def tokenize_pairs(ds, tokenizer, max_seq_len: int, cache_dir, reload: bool = False):
+def tokenize_pairs(ds, tokenizer, max_seq_len: int, cache_dir, reload: bool = False,
+                   key: str = "<stage>.max_seq_len"):
     """Rows {"prompt", "chosen", "rejected"} -> ``chosen_input_ids``, ``rejected_input_ids``,
     ``prompt_len`` (prompt tokens shared by both). Both truncated to ``max_seq_len``. Dropped:
     prompts of >= ``max_seq_len`` tokens (``too_long``) and pairs identical after tokenisation
@@ -219,10 +238,12 @@ def tokenize_pairs(ds, tokenizer, max_seq_len: int, cache_dir, reload: bool = Fa
         return out
 
     feats = _ids_features("chosen_input_ids", "rejected_input_ids", "prompt_len")
-    return _cached_map(ds, "pairs", tokenizer, {"max_seq_len": max_seq_len}, cache_dir, reload, build, feats)
+    return require_rows(*_cached_map(ds, "pairs", tokenizer, {"max_seq_len": max_seq_len}, cache_dir, reload, build,
+                                     feats), "pairs", key, max_seq_len)
 
 
-def tokenize_prompts(ds, tokenizer, max_prompt_len: int, cache_dir, reload: bool = False):
+def tokenize_prompts(ds, tokenizer, max_prompt_len: int, cache_dir, reload: bool = False,
+                     key: str = "ppo.max_prompt_len"):
     """Rows with a "prompt" -> ``input_ids`` of the prompt (for generation) and the ``prompt``
     text. Prompts longer than ``max_prompt_len`` tokens are dropped (``too_long``)."""
 
@@ -239,7 +260,8 @@ def tokenize_prompts(ds, tokenizer, max_prompt_len: int, cache_dir, reload: bool
         return out
 
     feats = _ids_features("input_ids", text_columns=("prompt",))
-    return _cached_map(ds, "prompts", tokenizer, {"max_prompt_len": max_prompt_len}, cache_dir, reload, build, feats)
+    return require_rows(*_cached_map(ds, "prompts", tokenizer, {"max_prompt_len": max_prompt_len}, cache_dir, reload,
+                                     build, feats), "prompts", key, max_prompt_len)
 
 
 def tokenize_text(ds, tokenizer, max_seq_len: int, cache_dir, reload: bool = False):

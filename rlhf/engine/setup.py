@@ -25,15 +25,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(hardware: HardwareConfig) -> tuple[int, int]:
+def init_distributed(hardware: HardwareConfig, timeout_s: Optional[float] = None) -> tuple[int, int]:
     """Join (or, for one inline process, create) the process group. Returns (rank, world_size).
 
     Rank workers started by a launcher find RANK/WORLD_SIZE set; an inline run is a group of one,
-    which DeepSpeed still needs.
+    which DeepSpeed still needs. ``timeout_s`` (``launch.timeout_s``) bounds every collective: a
+    rank that stops answering ends the run after that long instead of DeepSpeed's 30 minutes.
     """
+    from datetime import timedelta
+
     import deepspeed
 
     from rlhf.console import op_build_notice, swallow_stdout
+
+    kw = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
+    if kw:  # groups DeepSpeed creates later (data parallel, ZeRO) take torch's default, not the world's
+        from torch.distributed import distributed_c10d as c10d
+
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = kw["timeout"]
 
     if not dist.is_initialized():
         op_build_notice()
@@ -41,9 +50,9 @@ def init_distributed(hardware: HardwareConfig) -> tuple[int, int]:
             # One inline process: an in-memory store, so no TCP port can collide with another run.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ["MASTER_PORT"] = str(hardware.master_port or free_port())
-            dist.init_process_group(hardware.backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(hardware.backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
         with swallow_stdout():  # DeepSpeed prints a line each time it loads its shared-memory op
-            deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False)
+            deepspeed.init_distributed(dist_backend=hardware.backend, verbose=False, **kw)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -6,8 +6,11 @@ DeepSpeed's), non-finite loss handling, periodic eval, metrics, progress, resuma
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -22,6 +25,60 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Interrupted(SystemExit):
+    """Ctrl-C: the loop stopped at an optimizer-step boundary (after a checkpoint when checkpointing
+    is on). Exits with status 130 after one line on stderr."""
+
+    def __init__(self, line: str):
+        super().__init__(130)
+        self.line = line
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """The first Ctrl-C (SIGINT) asks the loop to stop at the next optimizer step; a second one
+    interrupts at once. Yields a dict whose ``"stop"`` turns True on the first one."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        log.warning("interrupted: stopping after this optimizer step (press Ctrl-C again to stop at once)")
+
+    try:
+        old = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _interrupt(step: int, checkpointer, loop_state) -> None:
+    cfg = getattr(checkpointer, "cfg", None)
+    on = cfg is not None and (cfg.every_n_steps > 0 or cfg.every_minutes > 0)
+    path = checkpointer.save(step, loop_state) if on and checkpointer.last_step != step else None
+    if on and path is None:
+        path = checkpointer.root / f"step-{step:08d}"
+    line = (f"interrupted at optimizer step {step}: checkpoint {path} written; resume with resume=auto" if on else
+            f"interrupted at optimizer step {step}: no checkpoint (checkpoint.every_n_steps=0); nothing to resume")
+    print(line, file=sys.stderr, flush=True)
+    raise Interrupted(line)
 
 
 @dataclass
@@ -45,6 +102,18 @@ def make_loader(dataset, batch_size: int, collate, rank: int, world: int, seed: 
 
 
 def total_steps(n_batches: int, spec: LoopSpec, section: str = "train") -> int:
+    for key in ("grad_accum", "epochs"):
+        if getattr(spec, key) < 1:
+            raise ValueError(f"{section}.{key}={getattr(spec, key)}: must be >= 1"
+                             + (" (max_steps caps the run at fewer steps)" if key == "epochs" else ""))
+    for key in ("max_steps", "eval_every"):
+        if getattr(spec, key) < 0:
+            raise ValueError(f"{section}.{key}={getattr(spec, key)}: must be >= 0 (0 = off)")
+    if spec.log_every < 1:
+        raise ValueError(f"{section}.log_every={spec.log_every}: must be >= 1")
+    if n_batches == 0:
+        raise ValueError(f"{section}: the training data makes no full micro-batch (fewer rows than "
+                         f"{section}.micro_batch_size x ranks): add data or lower {section}.micro_batch_size")
     per_epoch = n_batches // spec.grad_accum
     if per_epoch == 0:
         raise ValueError(f"{section}.grad_accum={spec.grad_accum} is more than the {n_batches} micro-batches of an "
@@ -69,22 +138,47 @@ def fit(
       1. work out the schedule (optimizer steps, where a resumed run restarts);
       2. for each epoch and micro-batch: forward + loss (``step_fn``), stop or skip on a
          non-finite loss, DeepSpeed backward and step;
-      3. at each optimizer-step boundary: log, eval when due, checkpoint when due;
+      3. at each optimizer-step boundary: log, eval when due, checkpoint when due; after a
+         Ctrl-C, checkpoint (when checkpointing is on) and stop with one line (``Interrupted``);
       4. final eval; return metrics.
     """
     # 1. schedule
     n_total = total_steps(len(loader), spec)
     state = state or {"epoch": 0, "batch": 0, "skipped": 0}
-    step = engine.global_steps
-    eval_metrics: Dict[str, float] = {}
-    samples = tokens = 0
     t0 = time.perf_counter()
-    bar = tracker.progress(total=n_total, initial=step, desc="train")
-    window: Dict[str, float] = {}
-    n_window = 0
+    bar = tracker.progress(total=n_total, initial=engine.global_steps, desc="train")
+    engine.train()  # from_pretrained returns eval mode: dropout (when not disabled) must be on here
+    counters = {"samples": 0, "tokens": 0}
+    with stop_requests() as interrupt:  # Ctrl-C: checkpoint at the next step boundary, then stop
+        step = _train(engine, loader, step_fn, eval_fn, spec, tracker, checkpointer, state, n_total, bar,
+                      interrupt, counters, t0)
+    samples, tokens = counters["samples"], counters["tokens"]
+    bar.close()
+    # 4. final eval
+    elapsed = time.perf_counter() - t0
+    eval_metrics = eval_fn()
+    tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
+    world = engine.world_size
+    return {
+        **eval_metrics,
+        "steps": step,
+        "skipped_nonfinite": state["skipped"],
+        "train_time_s": elapsed,
+        "samples_per_s": samples * world / max(elapsed, 1e-9),
+        "tokens_per_s": tokens * world / max(elapsed, 1e-9),
+        "final_train_loss": _last_loss(tracker),
+    }
+
+
+def _train(engine, loader, step_fn, eval_fn, spec, tracker, checkpointer, state, n_total, bar, interrupt,
+           counters, t0) -> int:
+    """Steps 2 and 3 of ``fit``; returns the last optimizer step."""
+    step = engine.global_steps
     done = step >= n_total
     epoch, start_batch = state["epoch"], state["batch"]
-    engine.train()  # from_pretrained returns eval mode: dropout (when not disabled) must be on here
+    window: Dict[str, float] = {}
+    n_window = 0
+    samples = tokens = 0
     while not done and epoch < spec.epochs:
         loader.sampler.set_epoch(epoch)
         for i, batch in enumerate(loader):
@@ -125,8 +219,11 @@ def fit(
             if spec.eval_every and step % spec.eval_every == 0 and step < n_total:
                 eval_metrics = eval_fn()
                 tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
+            loop_state = {"epoch": epoch, "batch": i + 1, "skipped": state["skipped"]}
             if checkpointer is not None:
-                checkpointer.maybe_save(step, {"epoch": epoch, "batch": i + 1, "skipped": state["skipped"]})
+                checkpointer.maybe_save(step, loop_state)
+            if step < n_total and _any_rank(interrupt["stop"]):
+                _interrupt(step, checkpointer, loop_state)
             if step >= n_total:
                 done = True
                 break
@@ -136,21 +233,8 @@ def fit(
         if not spec.eval_every and epoch < spec.epochs:
             eval_metrics = eval_fn()
             tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
-    bar.close()
-    # 4. final eval
-    elapsed = time.perf_counter() - t0
-    eval_metrics = eval_fn()
-    tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
-    world = engine.world_size
-    return {
-        **eval_metrics,
-        "steps": step,
-        "skipped_nonfinite": state["skipped"],
-        "train_time_s": elapsed,
-        "samples_per_s": samples * world / max(elapsed, 1e-9),
-        "tokens_per_s": tokens * world / max(elapsed, 1e-9),
-        "final_train_loss": _last_loss(tracker),
-    }
+    counters.update(samples=samples, tokens=tokens)
+    return step
 
 
 def _last_loss(tracker) -> float:

@@ -350,6 +350,9 @@ def atomic_dir(out_dir: str | Path, write: Callable[[Path], None]) -> None:
     old = None
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: give it the mode any new directory gets
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

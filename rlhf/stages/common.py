@@ -50,7 +50,7 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
     from rlhf.engine.memory import check_fits
 
     check_fits(cfg)  # before anything is allocated: stop with the smallest change that fits
-    rank, world = init_distributed(cfg.hardware)
+    rank, world = init_distributed(cfg.hardware, cfg.launch.timeout_s)
     set_threads(cfg.hardware)
     # ZeRO-3: models are built already sharded (deepspeed.zero.Init) when every engine of the stage is ZeRO-3
     set_sharded_loading(cfg.zero, cfg.hardware, world,
@@ -61,6 +61,10 @@ def start(cfg: DictConfig, name: str, run_dir: Optional[Path] = None) -> Context
         log.warning("autograd anomaly detection is on (debug=anomaly): slow, for finding a NaN's source")
     run_dir = Path(run_dir or cfg.run_dir)
     cache_dir = Path(cfg.cache_dir)
+    if rank == 0:  # lock, refuse another run's dir or a resume with other settings; before config.yaml
+        from rlhf.engine import rundir
+
+        rundir.claim(cfg, run_dir)
     resume_from = resolve_resume(cfg.resume, run_dir)
     run_id = json.loads((resume_from / "meta.json").read_text()).get("run_id") if resume_from else None
     tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), rank=rank,
@@ -105,6 +109,9 @@ def finish(ctx: Context, metrics: Dict[str, Any]) -> Dict[str, Any]:
     clear_sharded_loading()
     log.info("stage %s done in %.0f s: %s", ctx.cfg.stage.name, metrics["wall_time_s"], ctx.run_dir)
     barrier()
+    from rlhf.engine import rundir
+
+    rundir.release(ctx.run_dir)
     return out
 
 

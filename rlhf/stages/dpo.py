@@ -135,8 +135,10 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     path = common.model_path(ctx, sec.init_from, model_cfg=actor)
     tokenizer = common.load_tokenizer(ctx, path, model_cfg=actor)
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
-    train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed))
-    train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
+    data_stats: dict = {}
+    train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed), data_stats)
+    train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload,
+                                           key="dpo.max_seq_len")
     eval_ds, _ = tokenize_pairs(eval_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
     datasets = {split: ds.add_column("idx", list(range(len(ds)))) for split, ds in (("train", train_ds),
                                                                                   ("eval", eval_ds))}
@@ -213,7 +215,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
         "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
         "params": n_params, "trainable_params": n_trainable, "train_pairs": len(datasets["train"]),
-        "dropped_pairs": train_stats.get("dropped", 0),
+        "dropped_pairs": train_stats.get("dropped", 0) + data_stats["bad_rows"], "bad_rows": data_stats["bad_rows"],
         "objective": rules["rule_rate_sampled"] if rules["rule_rate_sampled"] is not None else metrics["accuracy"],
     })
 

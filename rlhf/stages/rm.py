@@ -58,8 +58,10 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     path = common.model_path(ctx, sec.init_from)
     tokenizer = common.load_tokenizer(ctx, path)
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
-    train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed))
-    train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
+    data_stats: dict = {}
+    train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed), data_stats)
+    train_ds, train_stats = tokenize_pairs(train_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload,
+                                           key="rm.max_seq_len")
     eval_ds, _ = tokenize_pairs(eval_rows, tokenizer, sec.max_seq_len, data_cache, reload=cfg.data.reload)
     # Pairs are right-padded whatever the family pads with: chosen and rejected then share their
     # prompt positions (the divergent loss compares them token by token), and in a causal model
@@ -109,5 +111,5 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
         "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
         "params": n_params, "trainable_params": n_trainable, "train_pairs": len(train_ds),
-        "dropped_pairs": train_stats.get("dropped", 0), "objective": metrics["acc"],
+        "dropped_pairs": train_stats.get("dropped", 0) + data_stats["bad_rows"], "bad_rows": data_stats["bad_rows"], "objective": metrics["acc"],
     })

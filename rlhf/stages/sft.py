@@ -34,9 +34,10 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     path = common.model_path(ctx, sec.init_from)
     tokenizer = common.load_tokenizer(ctx, path)
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
-    train_rows, eval_rows = build_step_data(cfg.data, 1, ctx.cache_dir, int(cfg.seed))
+    data_stats: Dict[str, int] = {}
+    train_rows, eval_rows = build_step_data(cfg.data, 1, ctx.cache_dir, int(cfg.seed), data_stats)
     train_ds, train_stats = tokenize_sft(train_rows, tokenizer, sec.max_seq_len, sec.mask_prompt, data_cache,
-                                         reload=cfg.data.reload)
+                                         reload=cfg.data.reload, key="sft.max_seq_len")
     eval_ds, _ = tokenize_sft(eval_rows, tokenizer, sec.max_seq_len, sec.mask_prompt, data_cache,
                               reload=cfg.data.reload)
     collate = SFTCollator(tokenizer.pad_token_id, tokenizer.padding_side)
@@ -87,6 +88,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "tokens_per_s": metrics["tokens_per_s"], "train_time_s": metrics["train_time_s"],
         "skipped_nonfinite": metrics["skipped_nonfinite"],
         "params": n_params, "trainable_params": n_trainable, "param_shard_fraction": shard,
-        "train_rows": len(train_ds), "dropped_rows": train_stats.get("dropped", 0),
+        "train_rows": len(train_ds), "bad_rows": data_stats["bad_rows"],
+        "dropped_rows": train_stats.get("dropped", 0) + data_stats["bad_rows"],
         "objective": rules["rule_rate_sampled"] if rules["rule_rate_sampled"] is not None else -metrics["ppl"],
     })
