@@ -13,6 +13,8 @@ STAGES: Dict[str, str] = {
     "chat": "rlhf.stages.chat:run",
     "plan": "rlhf.stages.plan:run",
     "dpo": "rlhf.stages.dpo:run",
+    "pretrain": "rlhf.stages.pretrain:run",
+    "eval": "rlhf.stages.eval:run",
 }
 
 
