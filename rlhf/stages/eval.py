@@ -1,0 +1,113 @@
+"""Benchmark evaluation (C-Eval, MMLU, CLUE) of one or more models, zero/one/few-shot, by lm-eval.
+
+``python run.py stage=eval model.path=<dir> eval.suites=[ceval] eval.shots=[5]`` scores the model;
+``eval.models=[<conf/model name or dir>, ...]`` adds more rows to the same table
+(``sweep=eval_models``). Every suite reads ``eval.data_dir`` (official layouts) or the hub.
+
+Steps:
+  1. start the run (tracking; nothing is trained);
+  2. for each model: load tokenizer and causal LM, run every suite at every shot count (lm-eval);
+  3. write results.json, table.md / table.csv in the published layouts, log to the tracker.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from omegaconf import OmegaConf
+
+from rlhf.stages import common
+from rlhf.tracking import atomic_write_json
+
+log = logging.getLogger(__name__)
+CONF_MODELS = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def model_entries(cfg) -> List[Tuple[str, Any]]:
+    """[(row name, model config)]: ``model`` first, then each ``eval.models`` entry (a conf/model
+    option name, or a model directory / hub id loaded with ``model``'s settings)."""
+    from rlhf.config import ModelConfig
+    from rlhf.models.families import family_for_model_type
+
+    out = [(cfg.model.name, cfg.model)]
+    for entry in cfg.eval.models:
+        entry = str(entry)
+        option = CONF_MODELS / f"{entry}.yaml"
+        if option.exists():
+            m = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(option))
+        else:
+            m = copy.deepcopy(cfg.model)
+            m.path, m.init, m.name = entry, "pretrained", Path(entry).name or entry
+            config = Path(entry) / "config.json"
+            if config.exists():
+                m.family = family_for_model_type(json.loads(config.read_text()).get("model_type", "")).name
+        out.append((m.name, m))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval.models: two models share a row name ({names}); use distinct directories")
+    return out
+
+
+def evaluate_model(ctx: common.Context, model_cfg, path: str = None) -> Dict[str, Any]:
+    """Every ``eval.suites`` suite at every ``eval.shots`` on one model (``path`` default: the
+    model config's own)."""
+    from rlhf.eval.harness import evaluate
+    from rlhf.models.load import load_causal_lm, resolve_path
+
+    ev = ctx.cfg.eval
+    path = path or resolve_path(model_cfg, ctx.cache_dir)
+    tokenizer = common.load_tokenizer(ctx, path, model_cfg)
+    init = "pretrained" if model_cfg.init == "tiny" or path != model_cfg.path else None
+    model = load_causal_lm(model_cfg, path, dtype=ctx.dtype, init=init).to(ctx.device)
+    try:
+        return evaluate(model, tokenizer, list(ev.suites), list(ev.shots), data_dir=ev.data_dir,
+                        limit=ev.limit, batch_size=ev.batch_size, seed=int(ctx.cfg.seed))
+    finally:
+        del model
+        gc.collect()
+
+
+def flatten(res: Dict[str, Any]) -> Dict[str, float]:
+    """One model's table cells as ``<suite>/<column>[/<k>shot]`` -> value."""
+    flat = {}
+    for suite, rows in res["tables"].items():
+        for row in rows:
+            tail = f"/{row['shots']}shot" if "shots" in row else ""
+            flat.update({f"{suite}/{c}{tail}": v for c, v in row.items() if c != "shots" and v is not None})
+    return flat
+
+
+def run(cfg, run_dir=None) -> Dict[str, Any]:
+    from rlhf.eval.harness import check_suites, headers
+    from rlhf.eval.table import write
+
+    check_suites(list(cfg.eval.suites))
+    if any(int(k) < 0 for k in cfg.eval.shots) or not cfg.eval.shots:
+        raise ValueError(f"eval.shots must be a non-empty list of counts >= 0, got {list(cfg.eval.shots)}")
+    # 1. start
+    ctx = common.start(cfg, "eval", run_dir)
+    # 2. every model
+    results: Dict[str, Dict[str, Any]] = {}
+    for i, (name, model_cfg) in enumerate(model_entries(cfg)):
+        log.info("eval: %s (%s)", name, model_cfg.path)
+        results[name] = evaluate_model(ctx, model_cfg)
+        ctx.tracker.log({f"eval/{k}": v for k, v in flatten(results[name]).items()}, step=i)
+    # 3. results.json, tables
+    text = ""
+    if ctx.is_main:
+        atomic_write_json(ctx.run_dir / "results.json", {
+            "suites": list(cfg.eval.suites), "shots": list(cfg.eval.shots), "data_dir": cfg.eval.data_dir,
+            "models": {n: {"tables": r["tables"],
+                           "tasks": {s: {str(k): v for k, v in by.items()} for s, by in r["tasks"].items()}}
+                       for n, r in results.items()}})
+        text = write(ctx.run_dir, results, headers(list(cfg.eval.suites), list(cfg.eval.shots)))
+        print(text)
+    return common.finish(ctx, {
+        "stage": "eval", "models": list(results), "results": str(ctx.run_dir / "results.json"),
+        "table": str(ctx.run_dir / "table.md"),
+        "metrics": {n: flatten(r) for n, r in results.items()},
+    })
