@@ -52,23 +52,58 @@ def model_entries(cfg) -> List[Tuple[str, Any]]:
     return out
 
 
-def evaluate_model(ctx: common.Context, model_cfg, path: str = None) -> Dict[str, Any]:
-    """Every ``eval.suites`` suite at every ``eval.shots`` on one model (``path`` default: the
-    model config's own)."""
+def evaluate_model(cfg, model_cfg, path: str = None) -> Dict[str, Any]:
+    """Every ``eval.suites`` suite at every ``eval.shots`` on one model, in this process
+    (``path`` default: the model config's own)."""
+    from rlhf.engine.setup import device_for, dtype_for
     from rlhf.eval.harness import evaluate
-    from rlhf.models.load import load_causal_lm, resolve_path
+    from rlhf.models.families import get_family
+    from rlhf.models.load import load_causal_lm, load_tokenizer, resolve_path
 
-    ev = ctx.cfg.eval
-    path = path or resolve_path(model_cfg, ctx.cache_dir)
-    tokenizer = common.load_tokenizer(ctx, path, model_cfg)
+    ev = cfg.eval
+    path = path or resolve_path(model_cfg, cfg.cache_dir)
+    tokenizer = load_tokenizer(path, get_family(model_cfg.family), trust_remote_code=model_cfg.trust_remote_code)
     init = "pretrained" if model_cfg.init == "tiny" or path != model_cfg.path else None
-    model = load_causal_lm(model_cfg, path, dtype=ctx.dtype, init=init).to(ctx.device)
+    dtype = dtype_for(cfg.hardware.precision, model_cfg.dtype)
+    model = load_causal_lm(model_cfg, path, dtype=dtype, init=init).to(device_for(cfg.hardware))
     try:
         return evaluate(model, tokenizer, list(ev.suites), list(ev.shots), data_dir=ev.data_dir,
-                        limit=ev.limit, batch_size=ev.batch_size, seed=int(ctx.cfg.seed))
+                        limit=ev.limit, batch_size=ev.batch_size, seed=int(cfg.seed))
     finally:
         del model
         gc.collect()
+
+
+def write_outputs(cfg, out_dir: Path, results: Dict[str, Dict[str, Any]]) -> str:
+    """results.json and the tables (table.md, table.csv, table_<suite>.csv) in ``out_dir``."""
+    from rlhf.eval.harness import headers
+    from rlhf.eval.table import write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "results.json", {
+        "suites": list(cfg.eval.suites), "shots": list(cfg.eval.shots), "data_dir": cfg.eval.data_dir,
+        "models": {n: {"tables": r["tables"],
+                       "tasks": {s: {str(k): v for k, v in by.items()} for s, by in r["tasks"].items()}}
+                   for n, r in results.items()}})
+    return write(out_dir, results, headers(list(cfg.eval.suites), list(cfg.eval.shots)))
+
+
+def after_step(cfg, step_dir: Path, suites: List[str]) -> Dict[str, float]:
+    """``pipeline.eval``: score a finished step's model (``<step_dir>/model``) on ``suites`` with the
+    ``eval.*`` settings, on rank 0; results and tables in ``<step_dir>/eval``. Returns the cells."""
+    import torch.distributed as dist
+
+    from rlhf.engine.setup import barrier
+
+    out: Dict[str, float] = {}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        sub = copy.deepcopy(cfg)
+        sub.eval.suites = list(suites)
+        res = evaluate_model(sub, sub.model, str(step_dir / "model"))
+        write_outputs(sub, step_dir / "eval", {sub.model.name: res})
+        out = flatten(res)
+    barrier()
+    return out
 
 
 def flatten(res: Dict[str, Any]) -> Dict[str, float]:
@@ -82,8 +117,7 @@ def flatten(res: Dict[str, Any]) -> Dict[str, float]:
 
 
 def run(cfg, run_dir=None) -> Dict[str, Any]:
-    from rlhf.eval.harness import check_suites, headers
-    from rlhf.eval.table import write
+    from rlhf.eval.harness import check_suites
 
     check_suites(list(cfg.eval.suites))
     if any(int(k) < 0 for k in cfg.eval.shots) or not cfg.eval.shots:
@@ -94,18 +128,11 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     results: Dict[str, Dict[str, Any]] = {}
     for i, (name, model_cfg) in enumerate(model_entries(cfg)):
         log.info("eval: %s (%s)", name, model_cfg.path)
-        results[name] = evaluate_model(ctx, model_cfg)
+        results[name] = evaluate_model(cfg, model_cfg)
         ctx.tracker.log({f"eval/{k}": v for k, v in flatten(results[name]).items()}, step=i)
     # 3. results.json, tables
-    text = ""
     if ctx.is_main:
-        atomic_write_json(ctx.run_dir / "results.json", {
-            "suites": list(cfg.eval.suites), "shots": list(cfg.eval.shots), "data_dir": cfg.eval.data_dir,
-            "models": {n: {"tables": r["tables"],
-                           "tasks": {s: {str(k): v for k, v in by.items()} for s, by in r["tasks"].items()}}
-                       for n, r in results.items()}})
-        text = write(ctx.run_dir, results, headers(list(cfg.eval.suites), list(cfg.eval.shots)))
-        print(text)
+        print(write_outputs(cfg, ctx.run_dir, results))
     return common.finish(ctx, {
         "stage": "eval", "models": list(results), "results": str(ctx.run_dir / "results.json"),
         "table": str(ctx.run_dir / "table.md"),
