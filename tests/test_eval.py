@@ -63,8 +63,7 @@ def _render(row: dict) -> str:
     return f"{row['question']}\nA. {row['A']}\nB. {row['B']}\nC. {row['C']}\nD. {row['D']}"
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 5])
-def test_fewshot_prompt_holds_exactly_k_dev_examples(fixtures, k):
+def test_fewshot_prompt_holds_exactly_k_dev_examples(fixtures):
     tm = task_manager(fixtures)
     subject = next(iter(CEVAL_SUBJECTS))
     spec = next(s for s in ceval_tasks(tm, fixtures) if s["task"] == f"ceval-valid_{subject}")
@@ -75,12 +74,13 @@ def test_fewshot_prompt_holds_exactly_k_dev_examples(fixtures, k):
     with open(fixtures / "ceval" / "val" / f"{subject}_val.csv", encoding="utf-8") as f:
         val = list(csv.DictReader(f))
     doc = task.validation_docs()[0]
-    prompt = task.fewshot_context(doc, num_fewshot=k)
-    shown = [r for r in dev if f"{_render(r)}\n答案：{task.config.target_delimiter}{r['answer']}" in prompt]
-    assert len(shown) == k  # k dev items, each with its answer
-    assert shown == dev[:k]  # C-Eval's sampler: the first k of the dev split
-    assert not any(_render(r) in prompt for r in val[1:])  # nothing from the scored split but the item itself
-    assert prompt.count("答案：") == k + 1 and prompt.endswith("答案：")
+    for k in (0, 1, 3, 5):
+        prompt = task.fewshot_context(doc, num_fewshot=k)
+        shown = [r for r in dev if f"{_render(r)}\n答案：{task.config.target_delimiter}{r['answer']}" in prompt]
+        assert len(shown) == k  # k dev items, each with its answer
+        assert shown == dev[:k]  # C-Eval's sampler: the first k of the dev split
+        assert not any(_render(r) in prompt for r in val[1:])  # nothing from the scored split but the item itself
+        assert prompt.count("答案：") == k + 1 and prompt.endswith(f"{_render(val[0])}\n答案：")
 
 
 def test_clue_fewshot_examples_come_from_train(fixtures):
@@ -137,3 +137,60 @@ def test_stage_eval_writes_every_published_column(tmp_path, fixtures):
     assert {r["suite"] for r in rows} == {"ceval", "mmlu", "clue"}
     assert json.loads((tmp_path / "summary.json").read_text())["metrics"]["tiny-opt"]["ceval/Avg/0shot"] == \
         res["models"]["tiny-opt"]["tables"]["ceval"][0]["Avg"]
+
+
+
+COLORS = ["red", "green", "blue", "gold"]  # the cue word of an item names its answer letter: red A, green B, ...
+
+
+def _cue_items(root, n: int, seed: int) -> None:
+    """MMLU-layout items (``global_facts``) whose answer follows from one cue word of the question;
+    answers balanced over A-D, so a model that always picks one letter scores exactly 25%."""
+    import random
+
+    rng = random.Random(seed)
+    for split, count in (("dev", 5), ("test", n)):
+        rows = []
+        for i in range(count):
+            gold = i % 4
+            values = rng.sample(range(100), 4)
+            rows.append([f"Item {rng.randrange(1000)}: pick the {COLORS[gold]} one.", *map(str, values), "ABCD"[gold]])
+        (root / "mmlu" / split).mkdir(parents=True, exist_ok=True)
+        with open(root / "mmlu" / split / f"global_facts_{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+
+def _training_text(bench, out) -> int:
+    """Every test item as lm-eval shows it zero-shot, followed by its right answer (jsonl)."""
+    tm = task_manager(bench)
+    rows = []
+    for spec in mmlu_tasks(tm, bench):
+        task = tm.load([spec])["tasks"][spec["task"]]
+        for doc in task.test_docs():
+            answer = task.doc_to_choice(doc)[task.doc_to_target(doc)]
+            rows.append({"text": task.fewshot_context(doc, 0) + task.config.target_delimiter + answer})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return len(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0])  # margins checked over seeds 0, 1, 2 (numbers in the asserts)
+def test_trained_model_beats_chance_and_untrained_model_is_at_chance(tmp_path, seed):
+    """stage=pretrain on fixture items (as lm-eval renders them, with answers), then stage=eval on
+    them: far above the 25% chance; the untrained tiny model sits at chance."""
+    from rlhf.stages import eval as eval_stage
+    from rlhf.stages import pretrain
+
+    _cue_items(tmp_path / "bench", 40, seed)
+    assert _training_text(tmp_path / "bench", tmp_path / "items.jsonl") == 40
+    pretrain.run(compose_cfg("stage=pretrain", *QUICK, f"pretrain.data={tmp_path / 'items.jsonl'}", f"seed={seed}",
+                             "pretrain.block_size=64", "pretrain.micro_batch_size=8", "pretrain.epochs=10",
+                             "pretrain.eval_share=0.05", run_dir=tmp_path / "pre"))
+    scores = {}
+    for name, extra in (("trained", [f"model.path={tmp_path / 'pre' / 'model'}"]), ("untrained", [])):
+        s = eval_stage.run(compose_cfg("stage=eval", *QUICK, *extra, f"eval.data_dir={tmp_path / 'bench'}",
+                                       "eval.suites=[mmlu]", "eval.shots=[0]", run_dir=tmp_path / name))
+        scores[name] = next(iter(s["metrics"].values()))["mmlu/Avg/0shot"]
+    print(scores)
+    assert scores["trained"] >= 0.6, scores  # chance 0.25; 40 items: sd 0.07
+    assert abs(scores["untrained"] - 0.25) <= 0.15, scores

@@ -7,6 +7,7 @@ per-task scores into the published table columns.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from pathlib import Path
@@ -20,12 +21,17 @@ from rlhf.eval.suites import SUITE_NAMES, TASKS_DIR, suites
 log = logging.getLogger(__name__)
 
 
-def task_manager(data_dir: Optional[Path]):
-    """lm-eval's TaskManager with the project's CLUE YAMLs; ``clue_dir`` reaches their loaders."""
+@functools.lru_cache(maxsize=4)
+def _task_manager(clue_dir: Optional[str]):
     from lm_eval.tasks import TaskManager
 
-    clue_dir = str(Path(data_dir) / "clue") if data_dir else None
     return TaskManager(include_path=str(TASKS_DIR / "clue"), metadata={"clue_dir": clue_dir})
+
+
+def task_manager(data_dir: Optional[Path]):
+    """lm-eval's TaskManager with the project's CLUE YAMLs; ``clue_dir`` reaches their loaders.
+    One per data directory and process (indexing lm-eval's task folders takes seconds)."""
+    return _task_manager(str(Path(data_dir) / "clue") if data_dir else None)
 
 
 def wrap(model, tokenizer, batch_size: int = 16, max_length: Optional[int] = None):
