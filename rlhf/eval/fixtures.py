@@ -121,3 +121,11 @@ def write_fixtures(out_dir: str | Path, *, n_eval: int = 8, n_dev: int = 5, seed
                                                                 for r in _mc_rows(rng, n_eval, False)], False)
     _clue(root / "clue", rng, max(n_dev, 2), n_eval)
     return root
+
+
+if __name__ == "__main__":  # python -m rlhf.eval.fixtures <dir>: a tiny benchmark copy to try stage=eval offline
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m rlhf.eval.fixtures <out dir>")
+    print(write_fixtures(sys.argv[1]))
