@@ -140,41 +140,46 @@ def test_stage_eval_writes_every_published_column(tmp_path, fixtures):
 
 
 
-COLORS = ["red", "green", "blue", "gold"]  # the cue word of an item names its answer letter: red A, green B, ...
+COLORS = ["red", "green", "blue", "gold"]  # the cue word of an item names its answer
+IDIOMS = ["一心一意", "三心二意", "四面八方", "五湖四海"]  # the candidates, in cue order
 
 
 def _cue_items(root, n: int, seed: int) -> None:
-    """MMLU-layout items (``global_facts``) whose answer follows from one cue word of the question;
-    answers balanced over A-D, so a model that always picks one letter scores exactly 25%."""
+    """CHID items in the official layout (passages with #idiom# blanks, shared candidates, answer
+    files) whose right idiom follows from the cue word of the passage (``blue item 372:`` -> 四面八方);
+    seeded random item numbers right before the blank vary what an untrained model prefers;
+    answers balanced over the four candidates (chance: 25%)."""
     import random
 
     rng = random.Random(seed)
-    for split, count in (("dev", 5), ("test", n)):
-        rows = []
+    folder = root / "clue" / "chid"
+    folder.mkdir(parents=True)
+    for split, count in (("train", 4), ("dev", n)):
+        lines, answers = [], {}
         for i in range(count):
-            gold = i % 4
-            values = rng.sample(range(100), 4)
-            rows.append([f"Item {rng.randrange(1000)}: pick the {COLORS[gold]} one.", *map(str, values), "ABCD"[gold]])
-        (root / "mmlu" / split).mkdir(parents=True, exist_ok=True)
-        with open(root / "mmlu" / split / f"global_facts_{split}.csv", "w", newline="") as f:
-            csv.writer(f).writerows(rows)
+            tag = f"#idiom{split == 'dev':d}{i:05d}#"
+            lines.append(json.dumps({"candidates": IDIOMS, "content": [f"{COLORS[i % 4]} item {rng.randrange(1000)}: {tag}"]},
+                                    ensure_ascii=False))
+            answers[tag] = i % 4
+        (folder / f"{split}.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (folder / f"{split}_answer.json").write_text(json.dumps(answers), encoding="utf-8")
 
 
 def _training_text(bench, out) -> int:
-    """Every test item as lm-eval shows it zero-shot, followed by its right answer (jsonl)."""
+    """Every scored item as lm-eval shows it zero-shot, followed by its right answer (jsonl)."""
     tm = task_manager(bench)
     rows = []
-    for spec in mmlu_tasks(tm, bench):
-        task = tm.load([spec])["tasks"][spec["task"]]
-        for doc in task.test_docs():
+    for name in clue_tasks(tm, bench):
+        task = tm.load([name])["tasks"][name]
+        for doc in task.validation_docs():
             answer = task.doc_to_choice(doc)[task.doc_to_target(doc)]
             rows.append({"text": task.fewshot_context(doc, 0) + task.config.target_delimiter + answer})
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return len(rows)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0])  # margins checked over seeds 0, 1, 2 (numbers in the asserts)
+@pytest.mark.parametrize("seed", [0])  # margins checked over seeds 0, 1, 2
 def test_trained_model_beats_chance_and_untrained_model_is_at_chance(tmp_path, seed):
     """stage=pretrain on fixture items (as lm-eval renders them, with answers), then stage=eval on
     them: far above the 25% chance; the untrained tiny model sits at chance."""
@@ -184,13 +189,13 @@ def test_trained_model_beats_chance_and_untrained_model_is_at_chance(tmp_path, s
     _cue_items(tmp_path / "bench", 40, seed)
     assert _training_text(tmp_path / "bench", tmp_path / "items.jsonl") == 40
     pretrain.run(compose_cfg("stage=pretrain", *QUICK, f"pretrain.data={tmp_path / 'items.jsonl'}", f"seed={seed}",
-                             "pretrain.block_size=64", "pretrain.micro_batch_size=8", "pretrain.epochs=10",
+                             "pretrain.block_size=64", "pretrain.micro_batch_size=8", "pretrain.epochs=40",
                              "pretrain.eval_share=0.05", run_dir=tmp_path / "pre"))
     scores = {}
     for name, extra in (("trained", [f"model.path={tmp_path / 'pre' / 'model'}"]), ("untrained", [])):
         s = eval_stage.run(compose_cfg("stage=eval", *QUICK, *extra, f"eval.data_dir={tmp_path / 'bench'}",
-                                       "eval.suites=[mmlu]", "eval.shots=[0]", run_dir=tmp_path / name))
-        scores[name] = next(iter(s["metrics"].values()))["mmlu/Avg/0shot"]
+                                       "eval.suites=[clue]", "eval.shots=[0]", run_dir=tmp_path / name))
+        scores[name] = next(iter(s["metrics"].values()))["clue/CHID 0-shot"]
     print(scores)
     assert scores["trained"] >= 0.6, scores  # chance 0.25; 40 items: sd 0.07
     assert abs(scores["untrained"] - 0.25) <= 0.15, scores
