@@ -110,6 +110,18 @@ def test_unknown_suite_names_the_key(tmp_path):
         eval_stage.run(cfg)
 
 
+def test_eval_models_rows_are_named_and_typed(tmp_path):
+    from rlhf.stages.eval import model_entries
+
+    for step in ("sft", "ppo"):
+        (tmp_path / step / "model").mkdir(parents=True)
+        (tmp_path / step / "model" / "config.json").write_text('{"model_type": "llama"}')
+    cfg = compose_cfg("stage=eval", *QUICK, f"eval.models=[tiny-llama,{tmp_path}/sft/model,{tmp_path}/ppo/model]")
+    rows = [(n, m.family, m.path) for n, m in model_entries(cfg)]
+    assert rows == [("tiny-opt", "opt", "tiny-opt"), ("tiny-llama", "llama", "tiny-llama"),
+                    ("sft", "llama", f"{tmp_path}/sft/model"), ("ppo", "llama", f"{tmp_path}/ppo/model")]
+
+
 @pytest.mark.slow
 def test_stage_eval_writes_every_published_column(tmp_path, fixtures):
     from rlhf.stages import eval as eval_stage

@@ -41,7 +41,8 @@ def model_entries(cfg) -> List[Tuple[str, Any]]:
             m = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(option))
         else:
             m = copy.deepcopy(cfg.model)
-            m.path, m.init, m.name = entry, "pretrained", Path(entry).name or entry
+            p = Path(entry)  # a step output <run>/<step>/model is named by its step
+            m.path, m.init, m.name = entry, "pretrained", (p.parent.name if p.name == "model" else p.name) or entry
             config = Path(entry) / "config.json"
             if config.exists():
                 m.family = family_for_model_type(json.loads(config.read_text()).get("model_type", "")).name

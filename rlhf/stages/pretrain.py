@@ -103,6 +103,6 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
 
 def _eval_block(docs, tokenizer, block_size: int) -> int:
     """Held-out blocks are ``block_size`` long unless the held-out text is shorter than one
-    block (a tiny corpus): then the largest size giving a block per rank-sized batch."""
+    block (a tiny corpus): then one block holding all of it."""
     n = sum(len(x) + 1 for x in tokenizer(list(docs["text"]), add_special_tokens=False)["input_ids"])
     return block_size if n >= block_size else max(2, n)
