@@ -201,7 +201,7 @@ def test_trained_model_beats_chance_and_untrained_model_is_at_chance(tmp_path, s
     _cue_items(tmp_path / "bench", 40, seed)
     assert _training_text(tmp_path / "bench", tmp_path / "items.jsonl") == 40
     pretrain.run(compose_cfg("stage=pretrain", *QUICK, f"pretrain.data={tmp_path / 'items.jsonl'}", f"seed={seed}",
-                             "pretrain.block_size=64", "pretrain.micro_batch_size=4", "pretrain.epochs=30",
+                             "pretrain.block_size=64", "pretrain.micro_batch_size=4", "pretrain.epochs=50",
                              "pretrain.eval_share=0.05", run_dir=tmp_path / "pre"))
     scores = {}
     for name, extra in (("trained", [f"model.path={tmp_path / 'pre' / 'model'}"]), ("untrained", [])):
@@ -209,6 +209,7 @@ def test_trained_model_beats_chance_and_untrained_model_is_at_chance(tmp_path, s
                                        "eval.suites=[clue]", "eval.shots=[0]", run_dir=tmp_path / name))
         scores[name] = next(iter(s["metrics"].values()))["clue/CHID 0-shot"]
     print(scores)
-    # chance 0.25 (40 items: sd 0.07); seed 0 measured trained 0.600, untrained 0.275
+    # chance 0.25 (40 items: sd 0.07). Measured at 30 epochs, seeds 0/1/2: trained 0.600/0.300/0.625,
+    # untrained 0.275/0.275/0.250 (seed 1 learnt too little in 30 epochs, hence 50)
     assert scores["trained"] >= 0.5, scores
     assert abs(scores["untrained"] - 0.25) <= 0.15, scores
