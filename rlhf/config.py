@@ -164,6 +164,29 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    """stage=pretrain: causal-LM training on raw text packed into blocks."""
+
+    init_from: Optional[str] = None  # start from this HF directory instead of model.path
+    data: Optional[str] = None  # .txt | .jsonl/.json | directory | hub id; None = data.unsupervised, else the demo corpus
+    text_field: str = "text"  # the document field of .jsonl/.json records and datasets
+    block_size: int = 512  # tokens per packed training block (documents joined with EOS, no padding)
+    eval_share: float = 0.05  # share of the documents held out for perplexity
+
+
+@dataclass
+class EvalConfig:
+    """stage=eval (and pipeline.eval): benchmark suites run by lm-eval."""
+
+    suites: List[str] = field(default_factory=lambda: ["ceval", "mmlu", "clue"])  # ceval | mmlu | clue
+    shots: List[int] = field(default_factory=lambda: [0, 5])  # few-shot counts; every suite runs at each
+    data_dir: Optional[str] = None  # local copies in the official layouts (<dir>/ceval, mmlu, clue); None = the hub
+    limit: Optional[int] = None  # scored items per task (None = all)
+    batch_size: int = 16  # lm-eval batch size
+    models: List[str] = field(default_factory=list)  # more models in the same table: conf/model names or model dirs
+
+
+@dataclass
 class PPOConfig:
     actor_lr: float = 9.65e-6
     critic_lr: float = 5e-6
@@ -226,6 +249,7 @@ class CriticConfig:
 class PipelineConfig:
     steps: List[int] = field(default_factory=lambda: [1, 2, 3])  # which steps to run (1 sft, 2 rm, 3 ppo/dpo)
     algo: str = "ppo"  # ppo (SFT -> RM -> PPO) | dpo (SFT -> DPO) | grpo (SFT -> RM -> PPO with ppo.advantage=grpo)
+    eval: List[str] = field(default_factory=list)  # eval suites run on each step's model (eval.* settings)
 
 
 @dataclass
@@ -302,6 +326,8 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -113,7 +113,8 @@ def test_every_key_in_group_files_is_commented(path):
 
 
 def test_stage_files_document_every_key_of_their_section():
-    sections = {"sft": schema.SFTConfig, "rm": schema.RMConfig, "dpo": schema.DPOConfig, "ppo": schema.PPOConfig}
+    sections = {"sft": schema.SFTConfig, "rm": schema.RMConfig, "dpo": schema.DPOConfig, "ppo": schema.PPOConfig,
+                "pretrain": schema.PretrainConfig, "eval": schema.EvalConfig}
     checked = 0
     for name, cls in sections.items():
         path = CONF / "stage" / f"{name}.yaml"

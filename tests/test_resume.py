@@ -44,6 +44,7 @@ STAGES = {
     "sft": (["stage=sft", "sft.max_steps=12"], "eval_ppl"),
     "rm": (["stage=rm", "rm.max_steps=12"], "acc"),
     "dpo": (["stage=dpo", "dpo.max_steps=12"], "acc"),
+    "pretrain": (["stage=pretrain", "pretrain.max_steps=12"], "eval_ppl"),
     "ppo": (["stage=ppo", "ppo.max_steps=12", "ppo.ema=true", "ppo.generation_batch_size=16",
              "ppo.train_batch_size=16"], "reward_mean"),
 }

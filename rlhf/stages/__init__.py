@@ -36,6 +36,8 @@ STAGES: Dict[str, Stage] = {
     "pipeline": Stage("rlhf.stages.pipeline:run", None, None, (("actor", True), ("reward", True))),
     "chat": Stage("rlhf.stages.chat:run", None, None, (("actor", False),)),
     "plan": Stage("rlhf.stages.plan:run", None, None, (("actor", False), ("reward", False))),
+    "pretrain": Stage("rlhf.stages.pretrain:run", 1, "eval_ppl", (("actor", True),)),
+    "eval": Stage("rlhf.stages.eval:run", None, None, (("actor", False),)),
 }
 
 

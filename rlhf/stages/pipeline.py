@@ -78,6 +78,9 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     for name, sub in steps:
         log.info("pipeline: step %s -> %s", name, run_dir / name)
         results[name] = get_stage(name)(sub, run_dir=run_dir / name)
+        if cfg.pipeline.eval and name != "rm":  # benchmark skill after the step (the reward model is no LM)
+            from rlhf.stages.eval import after_step
+            results[name]["eval"] = after_step(sub, run_dir / name, list(cfg.pipeline.eval))
     # 3. summary and table
     summary = {"stage": "pipeline", "algo": cfg.pipeline.algo, "steps": results}
     sft = results.get("sft", {})

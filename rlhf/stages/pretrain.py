@@ -1,0 +1,108 @@
+"""Incremental pre-training: causal-LM loss on raw text packed into fixed-size blocks.
+
+Documents (``pretrain.data``: .txt, .jsonl, a directory or a hub id; default ``data.unsupervised``,
+else the demo corpus) are joined with EOS and cut into ``pretrain.block_size`` blocks, so no
+token is padding. A seeded share of the documents is held out and scored by perplexity.
+
+Steps:
+  1. start the run (ranks, seed, tracking);
+  2. data: documents, held-out split, packed blocks, seeded distributed loaders;
+  3. model: tokenizer, causal LM (dropout, gradient checkpointing, LoRA), DeepSpeed engine;
+  4. train with the shared loop, held-out perplexity before training and at each eval;
+  5. save the HF model (LoRA merged), write summary.json (tokens/s among it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+
+from rlhf.stages import common
+
+
+def corpus_path(ctx: common.Context) -> str:
+    """``pretrain.data``, else ``data.unsupervised``, else the demo task's raw-text corpus."""
+    from rlhf.data.demo import default_root, make_demo
+
+    sec = ctx.cfg.pretrain
+    if sec.data:
+        return str(sec.data)
+    if ctx.cfg.data.unsupervised:
+        return str(ctx.cfg.data.unsupervised)
+    if not common.uses_demo(ctx):
+        raise ValueError("stage=pretrain needs text: set pretrain.data=<.txt|.jsonl|dir|hub id> (or data.unsupervised)")
+    size = int(ctx.cfg.data.demo_size)
+    return str(make_demo(default_root(ctx.cache_dir, size), size=size, seed=int(ctx.cfg.seed))["pretrain"])
+
+
+def run(cfg, run_dir=None) -> Dict[str, Any]:
+    from rlhf.data.text import PackedCollator, load_documents, pack, split_documents
+    from rlhf.engine.trainer import fit
+
+    sec = cfg.pretrain
+    # 1. start
+    ctx = common.start(cfg, "pretrain", run_dir)
+    # 2. data
+    path = common.model_path(ctx, sec.init_from)
+    tokenizer = common.load_tokenizer(ctx, path)
+    source = corpus_path(ctx)
+    train_docs, eval_docs = split_documents(load_documents(source, sec.text_field), sec.eval_share, int(cfg.seed))
+    train_ds, train_stats = pack(train_docs, tokenizer, sec.block_size)
+    eval_ds, eval_stats = pack(eval_docs, tokenizer, min(sec.block_size, _eval_block(eval_docs, tokenizer, sec.block_size)))
+    loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "pretrain", train_ds, eval_ds, PackedCollator())
+    # 3. model and engine
+    model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
+                               gradient_checkpointing=sec.gradient_checkpointing)
+    engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
+
+    def step_fn(batch):
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        return engine(**batch).loss, {}
+
+    @torch.no_grad()
+    def evaluate() -> Dict[str, float]:
+        was = engine.module.training
+        engine.eval()
+        nll = torch.zeros(2, dtype=torch.float64)
+        for batch in eval_loader:
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            n = batch["labels"][:, 1:].numel()
+            nll += torch.tensor([float(engine(**batch).loss) * n, n], dtype=torch.float64)
+        if dist.is_initialized() and ctx.world > 1:
+            dist.all_reduce(nll)
+        engine.train(was)
+        mean = float(nll[0] / max(nll[1], 1))
+        return {"loss": mean, "ppl": common.perplexity(mean)}
+
+    # 4. train
+    ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial_ppl": initial["ppl"]})
+    if meta is None:
+        initial = evaluate()
+        ctx.tracker.log({"eval/ppl_initial": initial["ppl"]}, step=0)
+    else:
+        initial = {"ppl": meta["extra"]["initial_ppl"]}
+    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
+    # 5. save and summarise
+    model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
+    return common.finish(ctx, {
+        "stage": "pretrain", "model_dir": str(model_dir), "data": source,
+        "eval_ppl": metrics["ppl"], "eval_loss": metrics["loss"], "eval_ppl_initial": initial["ppl"],
+        "final_train_loss": metrics["final_train_loss"],
+        "steps": metrics["steps"], "samples_per_s": metrics["samples_per_s"],
+        "tokens_per_s": metrics["tokens_per_s"], "train_time_s": metrics["train_time_s"],
+        "skipped_nonfinite": metrics["skipped_nonfinite"],
+        "params": n_params, "trainable_params": n_trainable,
+        "block_size": sec.block_size, "train_blocks": train_stats["blocks"], "train_tokens": train_stats["tokens"],
+        "train_documents": train_stats["documents"], "dropped_tail_tokens": train_stats["dropped_tokens"],
+        "eval_blocks": eval_stats["blocks"], "eval_documents": eval_stats["documents"],
+        "objective": -metrics["ppl"],
+    })
+
+
+def _eval_block(docs, tokenizer, block_size: int) -> int:
+    """Held-out blocks are ``block_size`` long unless the held-out text is shorter than one
+    block (a tiny corpus): then one block holding all of it."""
+    n = sum(len(x) + 1 for x in tokenizer(list(docs["text"]), add_special_tokens=False)["input_ids"])
+    return block_size if n >= block_size else max(2, n)
