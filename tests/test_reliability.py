@@ -394,3 +394,46 @@ def test_hydra_writes_its_log_into_run_dir_when_set():
     assert hydra.run.dir == "/runs/a" and hydra.sub is None
     hydra.run_dir = ""
     assert hydra.run.dir.startswith("outputs/sft/m/") and hydra.sub == ".hydra"
+
+
+def test_ppo_with_no_iteration_to_run_refuses_to_start(tmp_path):
+    """A step-3 share smaller than one generation batch would 'succeed' with 0 steps and export
+    the input models as if trained: it stops at start naming the keys."""
+    from rlhf.stages import ppo
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("stage=ppo", "logger=none", "logger.progress=false", "data.demo_size=400",
+                      "ppo.generation_batch_size=4096", "ppo.train_batch_size=4096", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="stage=ppo would run no iteration.*ppo.generation_batch_size=4096"):
+        ppo.run(cfg)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_ppo_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
+    import signal
+    import time
+
+    from rlhf.engine.checkpoint import find_latest
+    from tests.conftest import shared_cache
+
+    args = [sys.executable, "run.py", "stage=ppo", "logger=none", "logger.progress=false", "data.demo_size=400",
+            "data.heldout_prompts=4", "data.heldout_samples=0", "ppo.max_steps=30", "ppo.generation_batch_size=8",
+            "ppo.train_batch_size=8", "ppo.max_answer_len=6", "checkpoint.every_n_steps=100",
+            f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"train/reward"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    last = find_latest(tmp_path)
+    step = json.loads((last / "meta.json").read_text())["step"]
+    assert f"interrupted at optimizer step {step}: checkpoint {last} written" in err
+    assert 1 <= step < 30 and not (tmp_path / "summary.json").exists()

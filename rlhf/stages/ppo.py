@@ -237,7 +237,7 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
     from rlhf.data.tokenize import tokenize_prompts, tokenize_text
     from rlhf.engine.rlhf_engine import build_rlhf_engine
     from rlhf.engine.setup import all_reduce_mean, barrier
-    from rlhf.engine.trainer import make_loader
+    from rlhf.engine.trainer import _any_rank, _interrupt, make_loader, stop_requests
     from rlhf.models.load import count_params, resolve_family, resolve_path, save_hf
     from rlhf.models.reward import save_reward_model
 
@@ -273,6 +273,11 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
         unsup_iter = itertools.cycle(unsup_loader)
     per_epoch = len(loader) // c.generation_batches
     n_iters = per_epoch * c.epochs if not c.max_steps else min(c.max_steps, per_epoch * c.epochs)
+    if n_iters == 0:
+        raise ValueError(f"stage=ppo would run no iteration: the step-3 share has {len(prompts)} usable prompts "
+                         f"({len(loader)} batches of ppo.generation_batch_size={c.generation_batch_size} per rank), "
+                         f"fewer than ppo.generation_batches={c.generation_batches}; add data (data.data_split, "
+                         f"data.demo_size) or lower ppo.generation_batch_size")
     updates = n_iters * c.ppo_epochs * c.generation_batches * max(rows // c.train_batch_size, 1)
     # 3. models
     m = build_rlhf_engine(actor_cfg=cfg.actor, actor_path=actor_path, critic_cfg=cfg.reward, critic_path=critic_path,
@@ -322,32 +327,35 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
                 return batch
             pos["epoch"], pos["consumed"], batches = pos["epoch"] + 1, 0, None
 
-    while pos["step"] < n_iters:
-        exps = [trainer.generate_experience(next_batch()) for _ in range(c.generation_batches)]
-        t0 = time.perf_counter()
-        train_stats = [trainer.train_rlhf(mb, next(unsup_iter) if unsup_iter else None)
-                       for _ in range(c.ppo_epochs) for mb in _minibatches(exps, c.train_batch_size)]
-        train_s += time.perf_counter() - t0
-        m.update_ema()
-        stats = _mean([e["stats"] for e in exps])
-        trainer.kl_ctl.update(stats["kl"], n_steps=rows * c.generation_batches)
-        gen_s += stats["generation_s"] * len(exps)
-        tokens += stats["generated_tokens"] * len(exps)
-        samples += sum(e["seq"].shape[0] for e in exps)
-        pos["step"] += 1
-        step = pos["step"]
-        metrics = all_reduce_mean({**stats, **_mean(train_stats)})
-        elapsed = time.perf_counter() - t_start
-        metrics.update(kl_coef=trainer.kl_ctl.value, actor_lr=m.actor.get_lr()[0],
-                       samples_per_s=samples * ctx.world / elapsed, gen_tokens_per_s=tokens * ctx.world / max(gen_s, 1e-9),
-                       generation_time_share=gen_s / elapsed)
-        if step % c.log_every == 0 or step == n_iters:
-            ctx.tracker.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", refresh=False)
-        if c.eval_every and step % c.eval_every == 0 and step < n_iters:
-            heldout(step)
-        ckpt.maybe_save(step, dict(pos))
+    with stop_requests() as interrupt:
+        while pos["step"] < n_iters:
+            exps = [trainer.generate_experience(next_batch()) for _ in range(c.generation_batches)]
+            t0 = time.perf_counter()
+            train_stats = [trainer.train_rlhf(mb, next(unsup_iter) if unsup_iter else None)
+                           for _ in range(c.ppo_epochs) for mb in _minibatches(exps, c.train_batch_size)]
+            train_s += time.perf_counter() - t0
+            m.update_ema()
+            stats = _mean([e["stats"] for e in exps])
+            trainer.kl_ctl.update(stats["kl"], n_steps=rows * c.generation_batches)
+            gen_s += stats["generation_s"] * len(exps)
+            tokens += stats["generated_tokens"] * len(exps)
+            samples += sum(e["seq"].shape[0] for e in exps)
+            pos["step"] += 1
+            step = pos["step"]
+            metrics = all_reduce_mean({**stats, **_mean(train_stats)})
+            elapsed = time.perf_counter() - t_start
+            metrics.update(kl_coef=trainer.kl_ctl.value, actor_lr=m.actor.get_lr()[0],
+                           samples_per_s=samples * ctx.world / elapsed, gen_tokens_per_s=tokens * ctx.world / max(gen_s, 1e-9),
+                           generation_time_share=gen_s / elapsed)
+            if step % c.log_every == 0 or step == n_iters:
+                ctx.tracker.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", refresh=False)
+            if c.eval_every and step % c.eval_every == 0 and step < n_iters:
+                heldout(step)
+            ckpt.maybe_save(step, dict(pos))
+            if step < n_iters and _any_rank(interrupt["stop"]):  # Ctrl-C: checkpoint (when on), one line, stop
+                _interrupt(step, ckpt, dict(pos))
     bar.close()
     # 5. score, save, summarise
     rule_end = heldout(pos["step"])
