@@ -4,6 +4,7 @@ Hydra composes conf/config.yaml over the schema in rlhf/config.py, the launcher 
 the hardware profile asks for, and the stage named by ``stage.name`` runs (rlhf/stages).
 """
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -44,7 +45,17 @@ def main(cfg: DictConfig):
     from launchers import launch
 
     try:
-        metrics = launch(resolve(cfg))
+        cfg = resolve(cfg)
+    except Exception as err:  # a bad setting: a single run stops here; a sweep job becomes a failed row
+        from launchers.local import in_multirun, record_failure, resolve_paths
+
+        if not in_multirun():
+            raise
+        cfg = resolve_paths(cfg)
+        record_failure(Path(cfg.run_dir), err, cfg)
+        return None
+    try:
+        metrics = launch(cfg)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop: one line, no traceback
         print("interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None

@@ -172,6 +172,9 @@ class PretrainConfig(TrainConfig):
     text_field: str = "text"  # the document field of .jsonl/.json records and datasets
     block_size: int = 512  # tokens per packed training block (documents joined with EOS, no padding)
     eval_share: float = 0.05  # share of the documents held out for perplexity
+    lr: float = 1e-4  # continued pre-training: gentle
+    micro_batch_size: int = 8  # blocks per rank and step
+    eval_batch_size: int = 8  # blocks per eval forward
 
 
 @dataclass
@@ -576,4 +579,6 @@ def validate(cfg) -> None:
         errors.append(f"ppo.advantage={cfg.ppo.advantage!r}: not an estimator; known: {', '.join(ADVANTAGES)}")
     errors += _rules(cfg)
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        if len(errors) == 1:  # one line: what a sweep's failed row shows
+            raise ValueError(f"invalid config: {errors[0]}")
+        raise ValueError(f"invalid config ({len(errors)} problems):\n  " + "\n  ".join(errors))

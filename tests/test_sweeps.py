@@ -32,6 +32,9 @@ def hydra_cfg(*overrides: str):
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_sweep_composes_as_a_multirun_grouped_in_wandb(name):
     cfg = hydra_cfg(f"sweep={name}")
+    if name == "eval_models":  # one job that evaluates every listed model into one table, not a multirun
+        assert cfg.stage.name == "eval" and cfg.eval.models and cfg.logger.group == name
+        return
     assert cfg.hydra.mode.name == "MULTIRUN"  # `python run.py sweep=<name>` sweeps without -m
     assert cfg.hydra.sweeper.params and cfg.logger.group == name
     assert cfg.hydra.callbacks.collect._target_ == "sweeps.collect.CollectTables"

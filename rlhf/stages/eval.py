@@ -58,15 +58,14 @@ def evaluate_model(cfg, model_cfg, path: str = None) -> Dict[str, Any]:
     (``path`` default: the model config's own)."""
     from rlhf.engine.setup import device_for, dtype_for
     from rlhf.eval.harness import evaluate
-    from rlhf.models.families import get_family
-    from rlhf.models.load import load_causal_lm, load_tokenizer, resolve_path
+    from rlhf.models.load import config_key, load_causal_lm, load_tokenizer, resolve_family, resolve_path
 
     ev = cfg.eval
     path = path or resolve_path(model_cfg, cfg.cache_dir)
-    tokenizer = load_tokenizer(path, get_family(model_cfg.family), trust_remote_code=model_cfg.trust_remote_code)
-    init = "pretrained" if model_cfg.init == "tiny" or path != model_cfg.path else None
+    tokenizer = load_tokenizer(path, resolve_family(model_cfg, path), trust_remote_code=model_cfg.trust_remote_code,
+                               key=config_key(model_cfg))
     dtype = dtype_for(cfg.hardware.precision, model_cfg.dtype)
-    model = load_causal_lm(model_cfg, path, dtype=dtype, init=init).to(device_for(cfg.hardware))
+    model = load_causal_lm(model_cfg, path, dtype=dtype).to(device_for(cfg.hardware))
     try:
         return evaluate(model, tokenizer, list(ev.suites), list(ev.shots), data_dir=ev.data_dir,
                         limit=ev.limit, batch_size=ev.batch_size, seed=int(cfg.seed))
