@@ -143,7 +143,7 @@ class PPOTrainer:
             critic_loss, v_stats = P.value_loss(values, exp["values"], exp["returns"], am, c.cliprange_value)
             critic.backward(critic_loss)
             critic.step()
-            out.update(critic_loss=float(critic_loss), critic_clipfrac=float(v_stats["clipfrac"]))
+            out.update(critic_loss=float(critic_loss.detach()), critic_clipfrac=float(v_stats["clipfrac"]))
         return out
 
 
