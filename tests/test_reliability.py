@@ -290,6 +290,22 @@ def test_summary_counts_the_rows_the_loader_skipped(tmp_path):
 # ---------------------------------------------------------------- Ctrl-C
 
 
+def _interrupt_after_first(args, env, tmp_path, metric: str):
+    """Start ``args`` and send SIGINT once ``metric`` is in metrics.jsonl; returns (stderr, process)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and f'"{metric}"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=300)[1], proc
+
+
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
     import signal
@@ -301,15 +317,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
     args = [sys.executable, "run.py", *QUICK[:-1], "sft.max_steps=30", "checkpoint.every_n_steps=100",
             f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"train/loss"' in metrics.read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=300)[1]
+    err, proc = _interrupt_after_first(args, env, tmp_path, "train/loss")
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     last = find_latest(tmp_path)
@@ -422,15 +430,7 @@ def test_ctrl_c_in_ppo_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
             "ppo.train_batch_size=8", "ppo.max_answer_len=6", "checkpoint.every_n_steps=100",
             f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"train/reward"' in metrics.read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=300)[1]
+    err, proc = _interrupt_after_first(args, env, tmp_path, "train/reward")
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     last = find_latest(tmp_path)
