@@ -60,7 +60,7 @@ def test_default_is_the_tiny_embedded_run():
     cfg = compose_cfg()
     assert (cfg.model.name, cfg.data.name, cfg.hardware.name) == ("tiny-opt", "demo", "cpu")
     assert cfg.model.init == "tiny"
-    # the tiny preset (model_hardware/tiny_demo.yaml) applies over the stage defaults
+    # the tiny preset (model_hardware/tiny_hparams.yaml) applies over the stage defaults
     assert cfg.sft.max_seq_len == 64
 
 
