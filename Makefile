@@ -29,10 +29,10 @@ run: $(STAMP) ## run the main job on the embedded tiny default (ARGS="key=value 
 	$(PY) run.py $(ARGS)
 
 test: $(STAMP) ## run the whole test suite
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q --durations=15 -m "not slow" $(ARGS)
 
 bench: $(STAMP) ## ZeRO/offload benchmark sweep on the tiny models (table.md/csv/png under multirun/)
 	$(PY) run.py -m sweep=zero_offload $(ARGS)
