@@ -10,10 +10,12 @@ reward function (``reward.fn``, rlhf/rewards.py); either may be used alone.
 Steps:
   1. start the run; resolve the actor (``actor.path``) and critic/reward (``critic.path``) dirs;
   2. data: step-3 share of the prompts (left padded), optional PTX text;
-  3. build the four models and the hybrid engine; score the held-out demo rule (start);
-  4. loop: ``generate_experience`` on ``generation_batches`` prompt batches, then
-     ``train_rlhf`` for ``ppo_epochs`` over mini-batches; KL controller, EMA, metrics;
-  5. score the held-out rule (end); save actor, critic and EMA; summary.json.
+  3. build the four models and the hybrid engine; score the held-out demo rule (start), or
+     restore a checkpoint;
+  4. loop (``_loop``): ``generate_experience`` on ``generation_batches`` prompt batches drawn
+     from a resumable ``PromptCursor``, then ``train_rlhf`` for ``ppo_epochs`` over mini-batches;
+     KL controller, EMA, metrics, checkpoints; the trainer's ``Stopwatch`` times each part;
+  5. score the held-out rule (end); save actor, critic and EMA; summary.json with the time split.
 """
 from __future__ import annotations
 
