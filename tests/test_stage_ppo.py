@@ -87,6 +87,10 @@ def test_ppo_summary_splits_the_loop_time_and_the_table_shows_it(pipeline_run):
     assert split["wall_s"] < ppo["wall_time_s"]  # the loop is part of the stage
     assert ppo["generation_time_s"] == split["generation_s"]
     assert "ppo: step-3 time" in stdout and "actor training" in stdout
+    last = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
+            if '"train/time_wall_s"' in x][-1]  # per step in metrics.jsonl (and W&B): seconds so far and shares
+    assert sum(last[f"train/time_{p}_share"] for p in parts) == pytest.approx(1.0)
+    assert last["train/time_wall_s"] <= split["wall_s"]
 
 
 def test_pipeline_table_prints_the_step3_time_split():

@@ -316,7 +316,7 @@ def _loop(ctx, trainer: PPOTrainer, cursor, unsup, ckpt, heldout, step: int, n_i
             metrics.update(kl_coef=trainer.kl_ctl.value, actor_lr=m.actor.get_lr()[0],
                            samples_per_s=samples * ctx.world / elapsed, gen_tokens_per_s=tokens * ctx.world / max(gen_s, 1e-9),
                            generation_time_share=gen_s / elapsed,
-                           **{f"time_{p}_share": split[f"{p}_share"] for p in (*TIME_PARTS, "other")})
+                           **{f"time_{k}": v for k, v in split.items()})  # seconds so far and shares
             if step % c.log_every == 0 or step == n_iters:
                 ctx.tracker.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
             bar.update(1)
