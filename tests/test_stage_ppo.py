@@ -142,12 +142,12 @@ def test_chat_answers_scripted_input(pipeline_run):
     assert answers[0].startswith("The answer is") and answers[1].startswith("It is"), answers
 
 
-def test_ppo_rejects_batch_sizes_that_do_not_divide(tmp_path):
-    out = subprocess.run([sys.executable, "run.py", "stage=ppo", "logger=none", "ppo.generation_batch_size=10",
-                          "ppo.train_batch_size=4", f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    assert "ppo.generation_batch_size=10" in out.stderr and "ppo.train_batch_size=4" in out.stderr
+def test_ppo_rejects_batch_sizes_that_do_not_divide():
+    from rlhf.stages.ppo import check
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(ValueError, match="ppo.generation_batch_size=10 .* not a multiple of ppo.train_batch_size=4"):
+        check(compose_cfg("stage=ppo", "ppo.generation_batch_size=10", "ppo.train_batch_size=4"))
 
 
 @pytest.mark.slow
