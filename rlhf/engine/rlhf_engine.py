@@ -3,7 +3,8 @@
 actor (trained, from SFT) behind a HybridEngine; reference (frozen copy of the SFT model, optionally
 offloaded); critic (trained, from the RM; only for estimators that need one, ``with_critic``);
 reward (frozen RM; absent with ``with_reward=False``, when a reward function scores alone). Built
-from plain values: the model groups, the zero/hardware/lora groups and the ppo section.
+from plain values: the model groups, the zero/hardware/lora groups and the ppo section; each model
+loads through ``rlhf.models.build.load_trainable`` (dropout, gradient checkpointing, LoRA).
 """
 from __future__ import annotations
 
