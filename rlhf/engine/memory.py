@@ -529,7 +529,7 @@ def _step3(cfg, shape, sc: Scenario, model_key: str = "", stage: str = "ppo") ->
         Role("actor", shape("actor"), held["actor"], actor_lora, sc.only_lora, actor_stage,
              work=Work(train, seq, bool(ppo.actor_gradient_checkpointing) or sc.checkpointing, gen_batch=gen,
                        gather=str(ppo.hybrid_gather))),
-        Role("critic", shape("reward"), held.get("critic", True), critic_lora, sc.only_lora, critic_stage,
+        Role("critic", shape("reward"), held.get("critic", False), critic_lora, sc.only_lora, critic_stage,
              work=Work(train, seq, bool(ppo.critic_gradient_checkpointing) or sc.checkpointing, lm_head=False)),
         Role("reference", shape("actor"), held["reference"], stage=3 if actor_stage == 3 else 0,
              offload=sc.offload_reference or None, work=Work(train, seq, backward=False)),
