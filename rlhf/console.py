@@ -33,9 +33,8 @@ def quiet_libraries(accelerator: str = "") -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no "setting accelerator to CPU" warning per process
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:  # the console only: a FileHandler keeps every line
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
-                and not any(isinstance(f, _FileOnly) for f in handler.filters):
+    for handler in console_handlers():  # the console only: run.log keeps every line
+        if not any(isinstance(f, _FileOnly) for f in handler.filters):
             handler.addFilter(_FileOnly())
     try:
         import datasets
@@ -51,6 +50,15 @@ def quiet_libraries(accelerator: str = "") -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - a dependency
         pass
+
+
+def console_handlers() -> list:
+    """The root logger's handlers that write to the terminal (stdout or stderr)."""
+    import sys
+
+    streams = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+    return [h for h in logging.getLogger().handlers
+            if isinstance(h, logging.StreamHandler) and id(getattr(h, "stream", None)) in streams]
 
 
 class _FileOnly(logging.Filter):

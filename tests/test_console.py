@@ -1,15 +1,17 @@
 """What a run prints (rlhf/console.py): the data layer's INFO lines reach run.log, not the console."""
 from __future__ import annotations
 
-import io
 import logging
+import sys
 
 from rlhf.console import quiet_libraries
 
 
-def test_data_info_lines_go_to_the_log_file_only(tmp_path):
+def test_data_info_lines_go_to_the_log_file_only(tmp_path, capsys):
     root = logging.getLogger()
-    console, logfile = logging.StreamHandler(io.StringIO()), logging.FileHandler(tmp_path / "run.log")
+    console, logfile = logging.StreamHandler(sys.stderr), logging.FileHandler(tmp_path / "run.log")
+    for h in (console, logfile):
+        h.setFormatter(logging.Formatter("%(message)s"))
     old_level = root.level
     root.addHandler(console)
     root.addHandler(logfile)
@@ -21,12 +23,14 @@ def test_data_info_lines_go_to_the_log_file_only(tmp_path):
         logging.getLogger("rlhf.data.sources").warning("source x: 3 bad rows")
         logging.getLogger("rlhf.stages.common").info("stage sft done in 3 s")
         logfile.flush()
+        assert len(console.filters) == 1 and not logfile.filters
+        assert not any(h.filters for h in root.handlers if h not in (console, logfile)), \
+            "only terminal handlers are filtered (not pytest's capture, not files)"
     finally:
         root.removeHandler(console)
         root.removeHandler(logfile)
         logfile.close()
         root.setLevel(old_level)
-    assert console.stream.getvalue().splitlines() == ["source x: 3 bad rows", "stage sft done in 3 s"]
+    assert capsys.readouterr().err.splitlines() == ["source x: 3 bad rows", "stage sft done in 3 s"]
     assert (tmp_path / "run.log").read_text().splitlines() == [
         "step 1: source demo keeps 80 rows", "source x: 3 bad rows", "stage sft done in 3 s"]
-    assert len(console.filters) == 1
