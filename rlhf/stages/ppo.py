@@ -196,25 +196,14 @@ def check(cfg):
 
     c = cfg.ppo
     est = P.get_estimator(c.advantage)
-    if c.samples_per_prompt < 1:
-        raise ValueError(f"ppo.samples_per_prompt={c.samples_per_prompt}: must be >= 1")
-    rows = c.generation_batch_size * c.samples_per_prompt  # answers per rollout
-    if rows % c.train_batch_size:
-        raise ValueError(f"ppo.generation_batch_size={c.generation_batch_size} x ppo.samples_per_prompt="
-                         f"{c.samples_per_prompt} = {rows} answers per rollout is not a multiple of "
-                         f"ppo.train_batch_size={c.train_batch_size}: each rollout must split into whole mini-batches")
+    # the single-key rules and batch-size arithmetic are rlhf.config.validate's (checked before launch)
     if not est.critic and c.samples_per_prompt < 2:
         raise ValueError(f"ppo.advantage={c.advantage} has no critic and compares the answers to one prompt: "
                          f"set ppo.samples_per_prompt >= 2 (got {c.samples_per_prompt}), e.g. 4 with "
                          f"ppo.generation_batch_size divided by 4")
-    if c.reward_baseline not in ("none", "group"):
-        raise ValueError(f"ppo.reward_baseline={c.reward_baseline!r}: expected none or group")
     if c.reward_baseline == "group" and not est.critic:
         raise ValueError(f"ppo.reward_baseline=group is for ppo.advantage=gae; ppo.advantage={c.advantage} "
                          "sets its own baseline (leave ppo.reward_baseline=none)")
-    if c.reward_baseline == "group" and c.samples_per_prompt < 2:
-        raise ValueError("ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2 (the baseline is the mean "
-                         "score of a prompt's other answers)")
     if not c.reward_model and not cfg.reward.fn:
         raise ValueError("ppo.reward_model=false leaves nothing to score answers: set reward.fn=<module>:<function> "
                          "(e.g. rlhf.data.demo:reward) or ppo.reward_model=true")
