@@ -4,12 +4,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
+# The tests use embedded tiny models only: a hub id must fail at once, not after ~23 s of retries
+# (huggingface_hub reads this when first imported, so before anything imports it; run.py
+# subprocesses inherit it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from omegaconf import open_dict
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 
-from rlhf.config import quote_numeric_choices, register, resolve_models, validate
+from omegaconf import open_dict  # noqa: E402
+
+from rlhf.config import quote_numeric_choices, register, resolve_models, validate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
