@@ -91,8 +91,15 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, step_models, stage):
         assert (whole / "ema/model.safetensors").read_bytes() == (broken / "ema/model.safetensors").read_bytes()
 
 
+def _sft(*args, run_dir: Path):
+    """The SFT stage in this process (no interpreter start): what ``cli`` runs, minus the process."""
+    from rlhf.stages import get_stage
+
+    return get_stage("sft")(compose_cfg("stage=sft", *QUICK, *args, run_dir=run_dir, cache_dir=shared_cache()))
+
+
 def test_torn_checkpoint_is_ignored(tmp_path):
-    cli("stage=sft", "sft.max_steps=8", run_dir=tmp_path)
+    _sft("sft.max_steps=8", run_dir=tmp_path)
     good = find_latest(tmp_path)
     assert good is not None and good.name == "step-00000008"
     # a copy whose write was cut short: meta.json truncated mid-file, and a leftover temp dir
@@ -111,18 +118,19 @@ def test_torn_checkpoint_is_ignored(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     # an absurd learning rate blows the weights up within a few steps
-    out = cli("stage=sft", "sft.max_steps=40", "sft.lr=1e30", "sft.warmup_steps=0", "checkpoint.every_n_steps=1",
-              run_dir=tmp_path, check=False)
-    assert out.returncode != 0
-    assert "loss is nan" in out.stderr or "loss is inf" in out.stderr
-    assert "skip_nonfinite" in out.stderr  # the message says how to skip instead
+    from rlhf.engine.trainer import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss) as err:
+        _sft("sft.max_steps=40", "sft.lr=1e30", "sft.warmup_steps=0", "checkpoint.every_n_steps=1", run_dir=tmp_path)
+    assert "loss is nan" in str(err.value) or "loss is inf" in str(err.value)
+    assert "skip_nonfinite" in str(err.value)  # the message says how to skip instead
     last = find_latest(tmp_path)
     assert last is not None and json.loads((last / "meta.json").read_text())["complete"]
     assert not (tmp_path / "summary.json").exists()
 
 
 def test_skip_nonfinite_counts_skipped_steps(tmp_path):
-    cli("stage=sft", "sft.max_steps=10", "sft.lr=1e30", "sft.skip_nonfinite=true", run_dir=tmp_path)
+    _sft("sft.max_steps=10", "sft.lr=1e30", "sft.skip_nonfinite=true", run_dir=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["skipped_nonfinite"] > 0
     assert summary["steps"] == 10
