@@ -97,7 +97,7 @@ def _before_after(sft: Dict[str, Any], r: Dict[str, Any]) -> Dict[str, Any]:
     """A step-3 result's held-out rule rates: its start (the SFT model; the step's own start score
     when step 1 did not run here) and its end."""
     out = {}
-    for key in ("rule_rate", "rule_rate_sampled"):
+    for key in ("rule_rate", "rule_rate_sampled", "rule_rate_add"):
         start = r.get(f"{key}_start", r.get(f"{key}_initial"))
         out[f"{key}_sft"] = sft.get(key, start) if sft else start
         out[f"{key}_final"] = r.get(key)
