@@ -160,6 +160,7 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1  # implicit reward scale: beta * (logp - logp_ref)
     loss: str = "sigmoid"  # key of rlhf.algos.dpo.DPO_LOSSES
     label_smoothing: float = 0.0  # conservative DPO (sigmoid loss only)
+    sft_weight: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; TRL's rpo_alpha); 0 = plain DPO
     precompute_ref: bool = False  # reference log-probs computed once before training, no reference model kept
 
 
