@@ -96,7 +96,7 @@ class DataConfig:
     max_prompt_len: int = 256  # prompts longer than this (tokens) are dropped as bad rows
     cache_dir: Optional[str] = None  # tokenised cache; None = <project cache>/data
     reload: bool = False  # rebuild the tokenised cache
-    demo_size: int = 2000  # pairs generated for the demo task (train; eval gets a tenth)
+    demo_size: int = 4000  # pairs generated for the demo task (train; eval gets a tenth)
     heldout_prompts: int = 64  # demo prompts scored by the task rule at the end of a stage
     heldout_samples: int = 4  # sampled answers per held-out prompt (temperature 1, seeded) for rule_rate_sampled
 

@@ -42,3 +42,19 @@ def shared_cache() -> Path:
 @pytest.fixture
 def compose_config():
     return compose_cfg
+
+
+@pytest.fixture(scope="session")
+def default_pipeline(tmp_path_factory):
+    """`python run.py pipeline.compare=[dpo]`: the default SFT -> RM -> PPO pipeline on the tiny
+    default (what `make run` runs), plus DPO from the same SFT model; the shipped presets and the
+    hardware profile's thread count, nothing pinned. -> (run dir, stdout)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("pipeline")
+    out = subprocess.run([sys.executable, "run.py", "logger=none", "logger.progress=false",
+                          f"cache_dir={shared_cache()}", f"run_dir={run_dir}", "pipeline.compare=[dpo]"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return run_dir, out.stdout

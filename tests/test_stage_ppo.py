@@ -25,18 +25,16 @@ def cli(*args, timeout=1200, **kw):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    """`python run.py` with no stage: the default SFT -> RM -> PPO pipeline on the tiny default."""
-    run_dir = tmp_path_factory.mktemp("pipeline")
-    out = cli(f"run_dir={run_dir}")
-    return run_dir, out.stdout
+def pipeline_run(default_pipeline):
+    """The default pipeline (tests/conftest.py), run once per session."""
+    return default_pipeline
 
 
 @pytest.mark.slow
 def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
     run_dir, stdout = pipeline_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["steps"]) == {"sft", "rm", "ppo"}
+    assert set(summary["steps"]) == {"sft", "rm", "ppo", "dpo"}  # dpo: pipeline.compare
     for step in ("sft", "rm", "ppo"):
         assert (run_dir / step / "summary.json").exists()
         assert (run_dir / step / "model" / "config.json").exists()
