@@ -1,11 +1,10 @@
 """DPO stage on the tiny model and the demo data, starting from a real SFT run (the tiny preset).
 
-Observed on the shared 2-core CPU box (seed 1234, tiny-opt, one torch thread; deterministic run to
-run): see the numbers next to each assertion. The SFT model answers most held-out prompts right
-when greedy (0.80) but only a third of its sampled answers pass the rule: it imitates step-1 data
-where a third of the answers refuse. DPO on the pairs (lr 1e-4, beta 0.5, 6 epochs = 300 steps,
-~40 s) moves the sampled answers towards the chosen ones; faster settings (lr 1e-3) raise the
-sampled rate as much but break greedy sums (0.81 -> 0.58).
+The SFT model is the default pipeline's (tests/conftest.py, seed 1234, the profile's one thread); its
+DPO step is DPO with the shipped preset (lr 1e-4, beta 0.5, 3 epochs over the 1600 step-2 pairs = 300
+steps, RPO weight 1). Observed: held-out greedy 0.781 -> 0.781, sampled 0.445 -> 0.754; over seeds
+1 and 3 greedy +0.109 / +0.016, sampled +0.234 / +0.211 (the README's robustness table). Without
+the RPO term greedy fell by 0.031-0.047 on every seed tried.
 """
 from __future__ import annotations
 
@@ -72,7 +71,7 @@ def test_dpo_raises_heldout_preference_accuracy(pipeline_dir):
     # what DPO changes is how much mass its samples put on the chosen kind (DPO never lowered it by more
     # than 2 of the 160 eval pairs in the runs behind the README's robustness table)
     assert out["logp_accuracy"] >= out["logp_accuracy_initial"] - 2 / 160, out
-    assert out["logp_accuracy"] >= 0.9, out
+    assert out["logp_accuracy"] >= 0.85, out  # observed 1.0 here, 0.9125-0.9625 at seeds 1 and 3
     # the implicit reward beta * log(pi / pi_ref) ranks held-out pairs well above chance
     assert out["acc"] >= 0.8, out
     assert out["chosen_reward"] > out["rejected_reward"] and out["margin"] > 1.0

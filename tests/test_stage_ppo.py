@@ -46,21 +46,20 @@ def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
 
 @pytest.mark.slow
 def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
-    """Observed (seed 1234, one thread, the profile's count): SFT greedy 0.797 / sampled 0.336 on the 64
-    held-out prompts; after 100 PPO iterations with the RM + 5 x the demo rule (the tiny preset) greedy
-    0.812, sampled 0.492 (4 answers per prompt), KL 0.33 nats per answer; with the RM alone greedy 0.781,
-    sampled 0.504, KL 0.23, reward -5.2 -> 3.5 (first vs last 10 iterations). The tiny reward model judges format,
-    refusals and parity best and sums least (trained 10 epochs instead of 20 it was blind to sums);
-    a faster actor (lr 3e-4) gains as much sampled rate but finds those blind spots and breaks
-    greedy sums (0.80 -> 0.63): the greedy bound below catches that."""
+    """Observed (seed 1234, the profile's one thread): SFT greedy 0.781 / sampled 0.445 on the 64
+    held-out prompts; after 100 PPO iterations with the RM + 5 x the demo rule (the tiny preset)
+    greedy 0.766, sampled 0.688 (4 answers per prompt). Over seeds 1 and 3 (one thread) greedy
+    -0.016 / -0.047, sampled +0.187 / +0.133: the bounds below hold for all of them with a margin
+    (the README's robustness table has the grid); the greedy bound catches a faster actor (lr 3e-4
+    broke greedy sums, 0.80 -> 0.63, on the earlier preset)."""
     run_dir, _ = pipeline_run
     ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
     sft = json.loads((run_dir / "sft" / "summary.json").read_text())
     # the PPO stage scores the SFT actor itself before training: the same numbers as step 1's
     assert ppo["rule_rate_start"] == pytest.approx(sft["rule_rate"])
     assert ppo["rule_rate_sampled_start"] == pytest.approx(sft["rule_rate_sampled"])
-    # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: +0.05 = 13)
-    assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.05, ppo
+    # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: +0.08 = 20)
+    assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.08, ppo
     # ... without trading the greedy answers away for reward
     assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.07, ppo
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
@@ -70,6 +69,26 @@ def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
     assert 0.0 <= ppo["kl"] < 1.0
     for key in ("generation_time_s", "train_time_s", "gen_tokens_per_s", "samples_per_s"):
         assert ppo[key] > 0
+
+
+@pytest.mark.slow
+def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
+    """pipeline.compare=[dpo]: DPO starts from the pipeline's SFT model, and the pipeline summary
+    holds each algorithm's held-out rates before and after (what sweep=robustness tabulates).
+    Observed (seed 1234): PPO greedy 0.781 -> 0.766, sampled 0.445 -> 0.688; DPO 0.781 -> 0.781,
+    0.445 -> 0.754. Over seeds 1, 3 and 1234 DPO's sampled gain was +0.21 to +0.31 and its greedy
+    change 0 to +0.11; the greedy bound leaves three prompts (of 64) for another machine's numerics."""
+    run_dir, _ = pipeline_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sft = summary["steps"]["sft"]
+    assert set(summary["by_algo"]) == {"ppo", "dpo"}
+    for algo in ("ppo", "dpo"):
+        r = summary["by_algo"][algo]
+        assert (r["rule_rate_sft"], r["rule_rate_sampled_sft"]) == (sft["rule_rate"], sft["rule_rate_sampled"])
+        assert r["rule_rate_final"] == summary["steps"][algo]["rule_rate"]
+    dpo = summary["by_algo"]["dpo"]
+    assert dpo["rule_rate_sampled_final"] >= dpo["rule_rate_sampled_sft"] + 0.15, dpo
+    assert dpo["rule_rate_final"] >= dpo["rule_rate_sft"] - 0.05, dpo
 
 
 @pytest.mark.slow
