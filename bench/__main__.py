@@ -50,9 +50,10 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def _spawn(spec: dict, log_dir: Path) -> dict:
+def _spawn(spec: dict, log_dir: Path, root: Path | None = None) -> dict:
+    """Run one worker process (``root``: where it imports ``rlhf`` and ``bench`` from)."""
     res = log_dir / f"{spec['stage']}-{spec['side']}-{spec['run']}.json"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(root or Path(__file__).resolve().parent.parent))
     with open(res.with_suffix(".log"), "w") as log:
         proc = subprocess.run([sys.executable, "-m", "bench", "--worker", json.dumps(spec), "--result", str(res)],
                               env=env, stdout=log, stderr=subprocess.STDOUT)

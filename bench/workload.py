@@ -31,7 +31,9 @@ class Size:
 
 SIZES: Dict[str, Size] = {
     "smoke": Size(sft_steps=6, rm_steps=6, dpo_steps=4, rl_steps=2, heldout_prompts=16, heldout_samples=1),
-    "full": Size(sft_steps=400, rm_steps=400, dpo_steps=150, rl_steps=40, heldout_prompts=64, heldout_samples=4),
+    "medium": Size(sft_steps=200, rm_steps=200, dpo_steps=80, rl_steps=30, heldout_prompts=16, heldout_samples=1),
+    # the table: 1000 steps SFT/RM, 300 DPO, 100 step-3 iterations
+    "full": Size(sft_steps=1000, rm_steps=1000, dpo_steps=300, rl_steps=100, heldout_prompts=64, heldout_samples=4),
 }
 
 # Hyperparameters shared by both sides (the demo preset's rates, batch sizes of the table).
