@@ -47,16 +47,20 @@ def worker(spec: dict) -> dict:
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training, before scoring
     out["quality"] = (trl_side if side == "trl" else ours).quality(stage, out, size, cache, deps)
     out.pop("_trainer", None)
+    import rlhf
+
+    out["code"] = str(Path(rlhf.__file__).parent)
     return out
 
 
 def _spawn(spec: dict, log_dir: Path, root: Path | None = None) -> dict:
     """Run one worker process (``root``: where it imports ``rlhf`` and ``bench`` from)."""
     res = log_dir / f"{spec['stage']}-{spec['side']}-{spec['run']}.json"
-    env = dict(os.environ, PYTHONPATH=str(root or Path(__file__).resolve().parent.parent))
+    root = root or Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
     with open(res.with_suffix(".log"), "w") as log:
         proc = subprocess.run([sys.executable, "-m", "bench", "--worker", json.dumps(spec), "--result", str(res)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+                              env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['stage']}/{spec['side']} run {spec['run']} failed; see {res.with_suffix('.log')}")
     return json.loads(res.read_text())
