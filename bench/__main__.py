@@ -66,12 +66,13 @@ def _spawn(spec: dict, log_dir: Path, root: Path | None = None) -> dict:
     return json.loads(res.read_text())
 
 
-def _fmt(xs, digits=1):
+def _fmt(xs, digits=1, unit=""):
+    """Median and [min-max] of the runs (the median alone for one run); '-' when there is none."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
     med = statistics.median(xs)
-    return f"{med:.{digits}f}" + (f" [{min(xs):.{digits}f}-{max(xs):.{digits}f}]" if len(xs) > 1 else "")
+    return f"{med:.{digits}f}{unit}" + (f" [{min(xs):.{digits}f}-{max(xs):.{digits}f}]" if len(xs) > 1 else "")
 
 
 def summarise(results: dict) -> tuple[dict, str]:
@@ -102,9 +103,9 @@ def summarise(results: dict) -> tuple[dict, str]:
                        "gen_ratio_median": statistics.median(gen_ratio) if gen_ratio else None, "quality": q}
         qtxt = ", ".join(f"{k} {a:.2f} vs {b:.2f}" for k, (a, b) in q.items())
         lines.append(f"| {label} ({unit}) | {_fmt(col(ours, 'samples_per_s'))} | {_fmt(col(trl, 'samples_per_s'))} | "
-                     f"{_fmt(ratio, 2)}x | {_fmt(col(ours, 'tokens_per_s'), 0)} | {_fmt(col(trl, 'tokens_per_s'), 0)} | "
+                     f"{_fmt(ratio, 2, 'x')} | {_fmt(col(ours, 'tokens_per_s'), 0)} | {_fmt(col(trl, 'tokens_per_s'), 0)} | "
                      f"{_fmt(col(ours, 'gen_tokens_per_s'), 0)} | {_fmt(col(trl, 'gen_tokens_per_s'), 0)} | "
-                     f"{_fmt(gen_ratio, 2) + 'x' if gen_ratio else '-'} | "
+                     f"{_fmt(gen_ratio, 2, 'x')} | "
                      f"{_fmt(col(ours, 'peak_rss_mb'), 0)} / {_fmt(col(trl, 'peak_rss_mb'), 0)} | {qtxt} |")
     return rows, "\n".join(lines)
 
