@@ -70,6 +70,7 @@ def run(stage: str, size: W.Size, deps: Dict[str, str], cache: Path, run_dir: Pa
 
 
 def quality(stage: str, out: Dict, size: W.Size, cache: Path, deps: Dict[str, str]) -> Dict[str, float]:
+    """Our saved model scored by bench.workload.quality (reward models through their value head)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out["model_dir"])
@@ -77,14 +78,7 @@ def quality(stage: str, out: Dict, size: W.Size, cache: Path, deps: Dict[str, st
         from rlhf.config import ModelConfig
         from rlhf.models.reward import load_reward_model
 
-        model = load_reward_model(ModelConfig(name="rm", family="opt", path=out["model_dir"], init="pretrained"),
-                                  out["model_dir"]).eval()
-        _, pairs = W.step_rows(cache, 2)
-        return {"pair_acc": W.pair_accuracy(lambda ids: float(model.score(ids, ids.new_ones(ids.shape))), tok, pairs)}
-    policy = AutoModelForCausalLM.from_pretrained(out["model_dir"])
-    q = W.rule_rates(policy, tok, size.heldout_prompts, size.heldout_samples)
-    if stage == "dpo":
-        _, pairs = W.step_rows(cache, 2)
-        q.update(W.dpo_quality(policy, AutoModelForCausalLM.from_pretrained(deps["actor"]), tok, pairs,
-                               W.HP["dpo"]["beta"]))
-    return q
+        rm = load_reward_model(ModelConfig(name="rm", family="opt", path=out["model_dir"], init="pretrained"),
+                               out["model_dir"]).eval()
+        return W.quality(stage, lambda ids: float(rm.score(ids, ids.new_ones(ids.shape))), tok, size, cache, "")
+    return W.quality(stage, AutoModelForCausalLM.from_pretrained(out["model_dir"]), tok, size, cache, deps.get("actor"))

@@ -128,17 +128,9 @@ def run(stage: str, size: W.Size, deps: Dict[str, str], cache: Path, run_dir: Pa
 
 
 def quality(stage: str, out: Dict, size: W.Size, cache: Path, deps: Dict[str, str]) -> Dict[str, float]:
-    from transformers import AutoModelForCausalLM
-
+    """TRL's trained model scored by bench.workload.quality (reward models through their score head)."""
     trainer = out.pop("_trainer")
-    model, tok = trainer.model, trainer.processing_class
-    model.eval()
+    model, tok = trainer.model.eval(), trainer.processing_class
     if stage == "rm":
-        _, pairs = W.step_rows(cache, 2)
-        return {"pair_acc": W.pair_accuracy(lambda ids: float(model(input_ids=ids).logits[0, 0]), tok, pairs)}
-    q = W.rule_rates(model, tok, size.heldout_prompts, size.heldout_samples)
-    if stage == "dpo":
-        _, pairs = W.step_rows(cache, 2)
-        q.update(W.dpo_quality(model, AutoModelForCausalLM.from_pretrained(deps["actor"]), tok, pairs,
-                               W.HP["dpo"]["beta"]))
-    return q
+        return W.quality(stage, lambda ids: float(model(input_ids=ids).logits[0, 0]), tok, size, cache, "")
+    return W.quality(stage, model, tok, size, cache, deps.get("actor"))

@@ -156,3 +156,19 @@ def dpo_quality(policy, reference, tokenizer, pairs: Sequence[dict], beta: float
         lp += pc > pr
     n = max(len(pairs), 1)
     return {"implicit_acc": imp / n, "logp_acc": lp / n}
+
+
+def quality(stage: str, model, tokenizer, size: Size, cache: Path, start_dir: str) -> Dict[str, float]:
+    """The stage's quality numbers, the same for both sides. ``model``: for RM a callable scoring one
+    [1, T] sequence, else the trained causal LM; ``start_dir``: the model DPO started from (its reference)."""
+    if stage == "rm":
+        _, pairs = step_rows(cache, 2)
+        return {"pair_acc": pair_accuracy(model, tokenizer, pairs)}
+    model.eval()
+    q = rule_rates(model, tokenizer, size.heldout_prompts, size.heldout_samples)
+    if stage == "dpo":
+        from transformers import AutoModelForCausalLM
+
+        _, pairs = step_rows(cache, 2)
+        q.update(dpo_quality(model, AutoModelForCausalLM.from_pretrained(start_dir), tokenizer, pairs, HP["dpo"]["beta"]))
+    return q
