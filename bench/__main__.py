@@ -144,8 +144,6 @@ def main(argv=None) -> int:
             for side in sides:
                 spec = {"stage": stage, "side": side, "run": r, "size": a.size, "cache": str(cache),
                         "run_dir": str(work / f"{stage}-{side}-{r}"), "deps": dict(deps)}
-                if stage == "rl" and side == "ours" and stage_missing(results, "rm"):
-                    spec["deps"]["critic"] = deps["critic_init"]
                 t0 = time.perf_counter()
                 res = _spawn(spec, work)
                 print(f"run {r} {stage:>3} {side:<9} {res['samples_per_s']:8.1f} samples/s "
@@ -173,10 +171,6 @@ def main(argv=None) -> int:
     print(text)
     print(f"results: {out}/bench.json, {out}/table.md")
     return 0
-
-
-def stage_missing(results: dict, stage: str) -> bool:
-    return not results.get(stage, {}).get("ours")
 
 
 if __name__ == "__main__":
