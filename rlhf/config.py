@@ -374,6 +374,25 @@ def register() -> None:
         OmegaConf.register_new_resolver("hydra_subdir", lambda run_dir: None if run_dir else ".hydra")
 
 
+def compose(overrides: List[str], conf_dir: str):
+    """The validated config ``python run.py <overrides>`` would get, composed in-process (no Hydra job,
+    run_dir and cache_dir as the config says): tests and ``python -m bench`` use it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    register()
+    overrides = quote_numeric_choices(list(overrides))
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        full = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    choices = dict(full.hydra.runtime.choices)
+    with open_dict(full):
+        del full["hydra"]
+    cfg = resolve_models(full, overrides, choices)
+    validate(cfg)
+    return cfg
+
+
 # Groups whose option names are numbers ("zero=2"): Hydra's override grammar would read the value
 # as an int and refuse it as a group choice, so command-line choices are quoted before parsing.
 NUMERIC_GROUPS = ("zero",)

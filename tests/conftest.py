@@ -5,11 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from omegaconf import open_dict
-
-from rlhf.config import quote_numeric_choices, register, resolve_models, validate
+from rlhf.config import compose, register
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -18,14 +15,7 @@ register()
 
 def compose_cfg(*overrides: str, run_dir: str | Path | None = None, cache_dir: str | Path | None = None):
     """The config ``python run.py <overrides>`` would get (run_dir/cache_dir filled in)."""
-    overrides = quote_numeric_choices(list(overrides))
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        full = compose("config", overrides=overrides, return_hydra_config=True)
-    choices = dict(full.hydra.runtime.choices)
-    with open_dict(full):
-        del full["hydra"]
-    cfg = resolve_models(full, overrides, choices)
-    validate(cfg)
+    cfg = compose(list(overrides), CONF)
     if run_dir is not None:
         cfg.run_dir = str(run_dir)
     cfg.cache_dir = str(cache_dir or shared_cache())
