@@ -31,10 +31,10 @@ run: $(STAMP) ## run the main job on the embedded tiny default (ARGS="key=value 
 	$(PY) run.py $(ARGS)
 
 test: $(STAMP) ## run the whole test suite
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q --durations=15 -m "not slow" $(ARGS)
 
 $(VENV)/.bench: $(STAMP)
 	# TRL without its dependencies: everything it needs is already installed (no other torch)

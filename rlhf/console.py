@@ -15,13 +15,17 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# the project's own detail loggers: their INFO lines go to the run's log file (run.log), not the console
+FILE_ONLY_LOGGERS = ("rlhf.data",)
+
 NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "compilers", "torch.distributed", "datasets", "transformers", "peft",
                  "urllib3", "filelock", "huggingface_hub", "wandb")
 
 
 def quiet_libraries(accelerator: str = "") -> None:
     """Library chatter off (warnings and errors still show): W&B banners, datasets/transformers
-    progress bars, DeepSpeed's accelerator and compiler lines."""
+    progress bars, DeepSpeed's accelerator and compiler lines; the data layer's INFO lines (sources,
+    blend shares, tokenisation) go to run.log only."""
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -29,6 +33,10 @@ def quiet_libraries(accelerator: str = "") -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no "setting accelerator to CPU" warning per process
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # the console only: a FileHandler keeps every line
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and not any(isinstance(f, _FileOnly) for f in handler.filters):
+            handler.addFilter(_FileOnly())
     try:
         import datasets
 
@@ -43,6 +51,13 @@ def quiet_libraries(accelerator: str = "") -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - a dependency
         pass
+
+
+class _FileOnly(logging.Filter):
+    """Drops INFO lines of FILE_ONLY_LOGGERS (warnings and errors pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(FILE_ONLY_LOGGERS)
 
 
 def _extensions_dir() -> Path:

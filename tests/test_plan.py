@@ -205,3 +205,24 @@ def test_plan_stage_prints_table_and_writes_summary(tmp_path):
     # step 1 under ZeRO-2 on 8 GPUs: 2 + 18/8 = 4.25 bytes x 12.853e9 params of model states
     assert zero2["steps"][0]["models"]["actor"]["gpu_gb"] == pytest.approx(4.25 * 12.853e9 / GB, rel=1e-6)
     assert (tmp_path / "plan.md").exists()
+
+
+def test_planner_reads_the_stage_descriptions():
+    """The models of each step and whether they train come from rlhf.stages.STAGES; the sections
+    whose settings the plan may change are the stages the run really executes."""
+    from rlhf.engine.memory import Planner, stage_steps
+    from rlhf.stages import STAGES
+
+    for stage in ("sft", "rm", "ppo", "dpo", "pretrain"):
+        cfg = compose_cfg(f"stage={stage}")
+        planner = Planner(cfg)
+        (_, roles), = stage_steps(cfg, stage, planner.shape, planner.current())
+        held = dict(STAGES[stage].models)
+        assert sorted(r.trained for r in roles) == sorted(held.values()), stage
+    sections = {args: Planner(compose_cfg(*args))._sections() for args in [
+        ("stage=pretrain",), ("stage=pipeline", "pipeline.algo=dpo"), ("stage=pipeline", "pipeline.algo=grpo"),
+        ("stage=plan",), ("stage=chat",)]}
+    assert sections == {("stage=pretrain",): ["pretrain"],  # its own section, not sft's
+                        ("stage=pipeline", "pipeline.algo=dpo"): ["sft", "dpo"],  # no reward model is trained
+                        ("stage=pipeline", "pipeline.algo=grpo"): ["sft", "rm", "ppo"],  # grpo is ppo's section
+                        ("stage=plan",): ["sft", "rm", "ppo"], ("stage=chat",): []}

@@ -105,11 +105,11 @@ def test_hardware_profile_sets_the_thread_count():
 
 
 def test_planner_counts_no_critic_for_critic_free_estimators():
-    from rlhf.engine.memory import STAGE_STEPS
+    from rlhf.engine.memory import stage_steps
 
     def roles(*overrides):
         cfg = compose_cfg(*overrides)
-        (name, rs), = [s for s in STAGE_STEPS[cfg.stage.name](cfg, lambda key: None, _scenario()) if "step 3" in s[0]]
+        (name, rs), = [s for s in stage_steps(cfg, cfg.stage.name, lambda key: None, _scenario()) if "step 3" in s[0]]
         return [r.name for r in rs]
 
     assert roles("stage=ppo") == ["actor", "critic", "reference", "reward"]

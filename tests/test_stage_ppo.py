@@ -92,6 +92,36 @@ def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
 
 
 @pytest.mark.slow
+def test_ppo_summary_splits_the_loop_time_and_the_table_shows_it(pipeline_run):
+    run_dir, stdout = pipeline_run
+    ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
+    split = ppo["time_split"]
+    parts = ("generation", "experience", "actor_train", "critic_train", "other")
+    assert all(split[f"{p}_s"] > 0 for p in parts[:4]), split  # gae: a critic trains too
+    assert sum(split[f"{p}_s"] for p in parts) == pytest.approx(split["wall_s"], rel=1e-6)
+    assert sum(split[f"{p}_share"] for p in parts) == pytest.approx(1.0)
+    assert split["other_share"] < 0.5, split  # the four timed parts are most of the loop
+    assert split["wall_s"] < ppo["wall_time_s"]  # the loop is part of the stage
+    assert ppo["generation_time_s"] == split["generation_s"]
+    assert "ppo: step-3 time" in stdout and "actor training" in stdout
+    last = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
+            if '"train/time_wall_s"' in x][-1]  # per step in metrics.jsonl (and W&B): seconds so far and shares
+    assert sum(last[f"train/time_{p}_share"] for p in parts) == pytest.approx(1.0)
+    assert last["train/time_wall_s"] <= split["wall_s"]
+
+
+def test_pipeline_table_prints_the_step3_time_split():
+    from rlhf.stages.pipeline import table
+
+    split = {"wall_s": 100.0, "generation_s": 40.0, "generation_share": 0.4, "experience_share": 0.2,
+             "actor_train_share": 0.25, "critic_train_share": 0.1, "other_share": 0.05}
+    out = table({"ppo": {"reward_mean": 1.5, "wall_time_s": 120.0, "time_split": split}})
+    assert out.splitlines()[-1] == ("ppo: step-3 time 100 s: generation 40%, experience 20%, actor training 25%, "
+                                    "critic training 10%, other 5%")
+    assert "step-3 time" not in table({"sft": {"eval_ppl": 3.0}})
+
+
+@pytest.mark.slow
 def test_lora_actor_and_critic_train_with_ptx_and_ema_is_saved(pipeline_run, tmp_path):
     run_dir, _ = pipeline_run
     cli("stage=ppo", f"actor.path={run_dir / 'sft' / 'model'}", f"critic.path={run_dir / 'rm' / 'model'}",
@@ -129,12 +159,12 @@ def test_chat_answers_scripted_input(pipeline_run):
     assert answers[0].startswith("The answer is") and answers[1].startswith("It is"), answers
 
 
-def test_ppo_rejects_batch_sizes_that_do_not_divide(tmp_path):
-    out = subprocess.run([sys.executable, "run.py", "stage=ppo", "logger=none", "ppo.generation_batch_size=10",
-                          "ppo.train_batch_size=4", f"run_dir={tmp_path}", f"cache_dir={shared_cache()}"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    assert "ppo.generation_batch_size=10" in out.stderr and "ppo.train_batch_size=4" in out.stderr
+def test_ppo_rejects_batch_sizes_that_do_not_divide():
+    from rlhf.stages.ppo import check
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(ValueError, match="ppo.generation_batch_size=10 .* not a multiple of ppo.train_batch_size=4"):
+        check(compose_cfg("stage=ppo", "ppo.generation_batch_size=10", "ppo.train_batch_size=4"))
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -476,27 +476,44 @@ def _machine(cfg, nodes: Optional[int] = None, procs: Optional[int] = None) -> M
                    float(hw.host_memory_gb), 4 if dtype == "fp32" else 2, hw.accelerator != "cpu")
 
 
-def _train_work(section, sc: Scenario, lm_head: bool = True, rows: int = 1) -> Work:
-    """A stage section's (sft, rm, dpo) training pass: micro batch x rows per example, max_seq_len tokens."""
-    return Work((sc.batch or int(section.micro_batch_size)) * rows, int(section.max_seq_len),
+def _train_work(section, sc: Scenario, lm_head: bool = True, rows: int = 1, seq: Optional[int] = None) -> Work:
+    """A stage section's (sft, rm, dpo, pretrain) training pass: micro batch x rows per example,
+    ``seq`` tokens (default the section's max_seq_len)."""
+    return Work((sc.batch or int(section.micro_batch_size)) * rows, int(seq or section.max_seq_len),
                 bool(section.gradient_checkpointing) or sc.checkpointing, lm_head=lm_head)
 
 
-def _step1(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
-    return ("step 1 (sft)", [Role(model_key, shape(model_key), True, sc.lora_rank, sc.only_lora,
-                                  work=_train_work(cfg.sft, sc))])
+def _held(stage: str) -> Dict[str, bool]:
+    """The models ``stage`` holds, role -> trained, as the stage declares them (rlhf.stages.STAGES)."""
+    from rlhf.stages import STAGES
+
+    return dict(STAGES[stage].models)
 
 
-def _step2(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
+def _section(stage: str) -> str:
+    """The config section of a training stage (grpo is the ppo stage's)."""
+    return "ppo" if stage == "grpo" else stage
+
+
+def _step1(cfg, shape, sc: Scenario, model_key: str = "model", stage: str = "sft") -> Tuple[str, List[Role]]:
+    section = cfg[stage]
+    seq = int(section.block_size) if stage == "pretrain" else None  # pretraining packs blocks
+    return ("step 1 (sft)" if stage == "sft" else stage,
+            [Role(model_key, shape(model_key), _held(stage)["actor"], sc.lora_rank, sc.only_lora,
+                  work=_train_work(section, sc, seq=seq))])
+
+
+def _step2(cfg, shape, sc: Scenario, model_key: str = "model", stage: str = "rm") -> Tuple[str, List[Role]]:
     # chosen and rejected answers of every pair go through the model together
-    return ("step 2 (rm)", [Role("reward", shape(model_key), True, sc.lora_rank, sc.only_lora,
+    return ("step 2 (rm)", [Role("reward", shape(model_key), _held(stage)["reward"], sc.lora_rank, sc.only_lora,
                                  work=_train_work(cfg.rm, sc, lm_head=False, rows=2))])
 
 
-def _step3(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
+def _step3(cfg, shape, sc: Scenario, model_key: str = "", stage: str = "ppo") -> Tuple[str, List[Role]]:
     """DeepSpeed-Chat's four models; frozen ones use ZeRO-3 when their trained twin does, else ZeRO-0.
     Work: the actor generates (KV cache, the hybrid engine's replica) and trains on prompt + answer tokens,
-    the critic trains, the reference and reward models score (forward only)."""
+    the critic trains, the reference and reward models score (forward only). Only the models the stage
+    holds (STAGES: grpo holds no critic) and its settings build (critic-free estimators, reward.fn alone)."""
     ppo = cfg.ppo
     actor_stage = ppo.actor_zero if (ppo.actor_zero is not None and sc.role_zero) else sc.setting.stage
     critic_stage = ppo.critic_zero if (ppo.critic_zero is not None and sc.role_zero) else sc.setting.stage
@@ -504,28 +521,29 @@ def _step3(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
     critic_lora = sc.lora_rank if (ppo.critic_lora or sc.critic_lora) else 0
     seq, train, gen = int(ppo.max_prompt_len) + int(ppo.max_answer_len), sc.batch or int(ppo.train_batch_size), \
         sc.batch or int(ppo.generation_batch_size)
-    from rlhf.algos.ppo import get_estimator  # critic-free estimators and reward.fn alone build fewer models
+    from rlhf.algos.ppo import get_estimator
 
-    grpo = "grpo" in (cfg.stage.name, cfg.pipeline.algo)
-    built = {"critic": get_estimator("grpo" if grpo else ppo.advantage).critic, "reward": ppo.reward_model}
+    held = _held(stage)
+    built = {"critic": get_estimator(ppo.advantage).critic, "reward": ppo.reward_model}
     return ("step 3 (ppo)", [r for r in [
-        Role("actor", shape("actor"), True, actor_lora, sc.only_lora, actor_stage,
+        Role("actor", shape("actor"), held["actor"], actor_lora, sc.only_lora, actor_stage,
              work=Work(train, seq, bool(ppo.actor_gradient_checkpointing) or sc.checkpointing, gen_batch=gen,
                        gather=str(ppo.hybrid_gather))),
-        Role("critic", shape("reward"), True, critic_lora, sc.only_lora, critic_stage,
+        Role("critic", shape("reward"), held.get("critic", False), critic_lora, sc.only_lora, critic_stage,
              work=Work(train, seq, bool(ppo.critic_gradient_checkpointing) or sc.checkpointing, lm_head=False)),
-        Role("reference", shape("actor"), False, stage=3 if actor_stage == 3 else 0,
+        Role("reference", shape("actor"), held["reference"], stage=3 if actor_stage == 3 else 0,
              offload=sc.offload_reference or None, work=Work(train, seq, backward=False)),
-        Role("reward", shape("reward"), False, stage=3 if critic_stage == 3 else 0,
+        Role("reward", shape("reward"), held["reward"], stage=3 if critic_stage == 3 else 0,
              work=Work(gen, seq, lm_head=False, backward=False)),
-    ] if built.get(r.name, True)])
+    ] if r.name in held and built.get(r.name, True)])
 
 
-def _dpo(cfg, shape, sc: Scenario, model_key: str = "model") -> Tuple[str, List[Role]]:
-    roles = [Role("policy", shape(model_key), True, sc.lora_rank, sc.only_lora,
+def _dpo(cfg, shape, sc: Scenario, model_key: str = "model", stage: str = "dpo") -> Tuple[str, List[Role]]:
+    held = _held(stage)
+    roles = [Role("policy", shape(model_key), held["policy"], sc.lora_rank, sc.only_lora,
                   work=_train_work(cfg.dpo, sc, rows=2))]
     if not cfg.dpo.precompute_ref:
-        roles.append(Role("reference", shape(model_key), False,
+        roles.append(Role("reference", shape(model_key), held["reference"],
                           work=replace(_train_work(cfg.dpo, sc, rows=2), backward=False)))
     return ("dpo", roles)
 
@@ -534,29 +552,34 @@ def _inference(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
     return ("inference", [Role("model", shape("model"), False)])
 
 
-def _pipeline(cfg, shape, sc: Scenario) -> List[Tuple[str, List[Role]]]:
-    """The steps ``pipeline.steps`` runs: sft on the actor, rm on the reward model, then ppo or dpo."""
-    steps, algo = set(cfg.pipeline.steps), cfg.pipeline.algo
-    out = [_step1(cfg, shape, sc, "actor")] if 1 in steps else []
-    if 2 in steps and algo in ("ppo", "grpo"):
-        out.append(_step2(cfg, shape, sc, "reward"))
-    if 3 in steps:
-        out.append(_step3(cfg, shape, sc) if algo in ("ppo", "grpo") else _dpo(cfg, shape, sc, "actor"))
-    return out
+def training_stages(cfg, stage: str) -> List[str]:
+    """The training stages a run of ``stage`` executes: itself, the pipeline's steps
+    (rlhf.config.pipeline_steps: ``pipeline.steps``, ``pipeline.algo`` and ``pipeline.compare``) or
+    the whole pipeline for ``plan``; none for the others."""
+    from rlhf.config import pipeline_steps
+    from rlhf.stages import STAGES
+
+    algo = str(cfg.pipeline.algo)
+    if stage == "plan":
+        return ["sft", "rm", "grpo" if algo == "grpo" else "ppo"]
+    if stage == "pipeline":  # step 2 trains a reward model only for an algorithm that holds one (not dpo)
+        return [name for _, name in pipeline_steps(cfg.pipeline)]
+    return [stage] if stage in STAGES and STAGES[stage].step is not None else []
 
 
-# stage name -> the steps (each a list of models) whose memory the stage needs; unlisted: inference
-STAGE_STEPS: Dict[str, Callable[..., List[Tuple[str, List[Role]]]]] = {
-    "sft": lambda cfg, shape, sc: [_step1(cfg, shape, sc)],
-    "pretrain": lambda cfg, shape, sc: [("pretrain", _step1(cfg, shape, sc)[1])],
-    "rm": lambda cfg, shape, sc: [_step2(cfg, shape, sc)],
-    "ppo": lambda cfg, shape, sc: [_step3(cfg, shape, sc)],
-    "grpo": lambda cfg, shape, sc: [_step3(cfg, shape, sc)],
-    "dpo": lambda cfg, shape, sc: [_dpo(cfg, shape, sc)],
-    "pipeline": _pipeline,
-    "plan": lambda cfg, shape, sc: [_step1(cfg, shape, sc, "actor"), _step2(cfg, shape, sc, "reward"),
-                                    _step3(cfg, shape, sc)],
-}
+def stage_steps(cfg, stage: str, shape, sc: Scenario) -> List[Tuple[str, List[Role]]]:
+    """The steps (each a list of models) whose memory a run of ``stage`` needs, built from the
+    stages' descriptions (step number and models held); a stage that trains nothing: inference."""
+    from rlhf.stages import STAGES
+
+    composite = stage in ("plan", "pipeline")  # the pipeline's roles: sft and dpo on the actor, rm on the reward model
+    out = []
+    for name in training_stages(cfg, stage):
+        step, held = STAGES[name].step, _held(name)
+        build = {1: _step1, 2: _step2}.get(step) or (_step3 if "reward" in held else _dpo)
+        key = ("reward" if step == 2 else "actor") if composite else "model"
+        out.append(build(cfg, shape, sc, key, name))
+    return out or [_inference(cfg, shape, sc)]
 
 
 @dataclass
@@ -607,9 +630,8 @@ class Planner:
                         zpp=zero_pp(z))
 
     def evaluate(self, sc: Scenario) -> Outcome:
-        steps_fn = STAGE_STEPS.get(self.stage, lambda cfg, shape, s: [_inference(cfg, shape, s)])
         results = []
-        for title, roles in steps_fn(self.cfg, self.shape, sc):
+        for title, roles in stage_steps(self.cfg, self.stage, self.shape, sc):
             total, parts = step_states(roles, sc.setting, sc.machine, sc.zpp, self.fraction)
             gpu, host = need(total, sc.machine)
             models = {}
@@ -626,11 +648,7 @@ class Planner:
 
     def _sections(self) -> List[str]:
         """The config sections of the steps this stage runs (for the command-line changes)."""
-        pipe = self.cfg.pipeline
-        by_stage = {"sft": ["sft"], "pretrain": ["sft"], "rm": ["rm"], "ppo": ["ppo"], "dpo": ["dpo"],
-                    "plan": ["sft", "rm", "ppo"],
-                    "pipeline": [k for k, step in (("sft", 1), ("rm", 2), (str(pipe.algo), 3)) if step in pipe.steps]}
-        return [s for s in by_stage.get(self.stage, []) if s in ("sft", "rm", "ppo", "dpo")]
+        return list(dict.fromkeys(_section(s) for s in training_stages(self.cfg, self.stage)))
 
     def _ckpt_change(self) -> str:
         return " ".join("ppo.actor_gradient_checkpointing=true ppo.critic_gradient_checkpointing=true" if s == "ppo"
@@ -650,9 +668,8 @@ class Planner:
         if ckpt:
             base = replace(base, checkpointing=True, changes=[ckpt])
             out += [base] + [self.with_setting(base, s) for s in others]
-        pipe = self.cfg.pipeline
-        has_step3 = self.stage in ("ppo", "plan") or (self.stage == "pipeline" and pipe.algo == "ppo"
-                                                        and 3 in pipe.steps)
+        # step-3 RLHF (ppo, grpo: a reference and a reward model): offloading the reference and a LoRA critic
+        has_step3 = any({"reference", "reward"} <= set(_held(s)) for s in training_stages(self.cfg, self.stage))
         if has_step3 and not base.offload_reference:
             ref = replace(base, offload_reference=True, changes=[*base.changes, "ppo.offload_reference=true"])
             out += [ref] + [self.with_setting(ref, s) for s in others]

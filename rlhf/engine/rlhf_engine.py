@@ -3,7 +3,8 @@
 actor (trained, from SFT) behind a HybridEngine; reference (frozen copy of the SFT model, optionally
 offloaded); critic (trained, from the RM; only for estimators that need one, ``with_critic``);
 reward (frozen RM; absent with ``with_reward=False``, when a reward function scores alone). Built
-from plain values: the model groups, the zero/hardware/lora groups and the ppo section.
+from plain values: the model groups, the zero/hardware/lora groups and the ppo section; each model
+loads through ``rlhf.models.build.load_trainable`` (dropout, gradient checkpointing, LoRA).
 """
 from __future__ import annotations
 
@@ -63,11 +64,10 @@ def reward_scores(model, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: Optional[str], tokenizer, ppo, zero,
-                      hardware, lora, actor_family, critic_family, world: int, total_steps: int, dtype, device,
+                      hardware, lora, world: int, total_steps: int, dtype, device,
                       with_critic: bool = True, with_reward: bool = True) -> RLHFEngine:
-    from rlhf.models.load import load_causal_lm
-    from rlhf.models.lora import apply_lora, lora_param_groups
-    from rlhf.models.reward import load_reward_model
+    from rlhf.models.build import load_trainable
+    from rlhf.models.lora import lora_param_groups
 
     actor_stage = zero.stage if ppo.actor_zero is None else ppo.actor_zero
     critic_stage = zero.stage if ppo.critic_zero is None else ppo.critic_zero
@@ -80,12 +80,9 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: Op
                          micro_batch_size=ppo.train_batch_size, grad_accum=1, grad_clip=ppo.grad_clip)
 
     # 1. actor: trained, LoRA per ppo.actor_lora, behind the hybrid engine
-    actor = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=ppo.actor_disable_dropout)
-    if ppo.actor_gradient_checkpointing:
-        actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     actor_lora = ppo.actor_lora and lora.rank > 0
-    if actor_lora:
-        actor = apply_lora(actor, lora, actor_family)
+    actor = load_trainable(actor_cfg, actor_path, dtype=dtype, disable_dropout=ppo.actor_disable_dropout,
+                           gradient_checkpointing=ppo.actor_gradient_checkpointing, lora=lora if actor_lora else None)
     actor_engine = build_train_engine(actor, lora_param_groups(actor, lora, ppo.actor_lr, ppo.actor_weight_decay),
                                       # PTX takes its own optimizer step after each PPO step
                                       spec(ppo.actor_lr, ppo.actor_weight_decay, total_steps * (2 if ppo.ptx else 1)),
@@ -100,24 +97,23 @@ def build_rlhf_engine(*, actor_cfg, actor_path: str, critic_cfg, critic_path: Op
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             ema = EMA(((k, v) for k, v in state.items() if v.is_floating_point()), ppo.ema_beta)
     # 2. reference: frozen SFT copy (sharded with the actor under ZeRO-3, optionally offloaded)
-    ref = load_causal_lm(actor_cfg, actor_path, dtype=dtype, disable_dropout=True)
+    ref = load_trainable(actor_cfg, actor_path, dtype=dtype, disable_dropout=True)
     ref = build_eval_engine(ref, zero, hardware, world, stage=actor_stage, offload=ppo.offload_reference and
                             actor_stage == 3, micro_batch_size=ppo.train_batch_size)
     # 3. critic: trained, from the reward model (critic-free estimators build none)
     critic_engine = None
     if with_critic:
-        critic = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=ppo.critic_disable_dropout)
-        if ppo.critic_gradient_checkpointing:
-            critic.gradient_checkpointing_enable()
-        if ppo.critic_lora and lora.rank > 0:
-            critic.base = apply_lora(critic.base, lora, critic_family)
+        critic = load_trainable(critic_cfg, critic_path, kind="reward", dtype=dtype,
+                                disable_dropout=ppo.critic_disable_dropout,
+                                gradient_checkpointing=ppo.critic_gradient_checkpointing,
+                                lora=lora if ppo.critic_lora else None)
         critic_zero = with_stage(zero, critic_stage)
         critic_engine = build_train_engine(critic, lora_param_groups(critic, lora, ppo.critic_lr, ppo.critic_weight_decay),
                                            spec(ppo.critic_lr, ppo.critic_weight_decay), critic_zero, hardware, world)
     # 4. reward: frozen reward model (none when a reward function scores alone)
     reward = None
     if with_reward:
-        reward = load_reward_model(critic_cfg, critic_path, dtype=dtype, disable_dropout=True)
+        reward = load_trainable(critic_cfg, critic_path, kind="reward", dtype=dtype, disable_dropout=True)
         reward = build_eval_engine(reward, zero, hardware, world, stage=critic_stage,
                                    micro_batch_size=ppo.train_batch_size)
     critic_s = (f"ZeRO-{critic_stage}" + (" + LoRA" if ppo.critic_lora and lora.rank > 0 else "")

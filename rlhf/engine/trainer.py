@@ -1,4 +1,5 @@
-"""The one training loop shared by the supervised-style stages (sft, rm, dpo, pretrain).
+"""The one training loop shared by the supervised-style stages (sft, rm, dpo, pretrain), and the
+pieces step 3 drives its own loop with (``PromptCursor``, ``Stopwatch``, Ctrl-C handling).
 
 A stage supplies a ``step_fn(batch) -> (loss, metrics)`` and an ``eval_fn() -> metrics``; this loop
 does the rest: epochs over a seeded sampler, DeepSpeed backward/step (accumulation and clipping are
@@ -13,7 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -99,6 +100,79 @@ def make_loader(dataset, batch_size: int, collate, rank: int, world: int, seed: 
     # (which starts iterating mid-epoch) would see different dropout masks than an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       drop_last=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+class PromptCursor:
+    """Batches of a seeded loader without end, epoch after epoch (step 3 draws prompt batches from it).
+
+    ``epoch`` is the epoch being read and ``consumed`` how many of its batches were handed out; a
+    cursor started at a saved (epoch, consumed) skips those batches (the sampler's order depends only
+    on its seed and the epoch), so a resumed run gets exactly the batches not yet consumed.
+    """
+
+    def __init__(self, loader: DataLoader, epoch: int = 0, consumed: int = 0):
+        self.loader, self.epoch, self.consumed = loader, epoch, consumed
+        self._batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._batches is None:
+                self.loader.sampler.set_epoch(self.epoch)
+                self._batches = iter(self.loader)
+                for _ in range(self.consumed):  # resumed mid-epoch: these were already trained on
+                    next(self._batches)
+            batch = next(self._batches, None)
+            if batch is not None:
+                self.consumed += 1
+                return batch
+            if self.consumed == 0:
+                raise ValueError("the prompt loader yields no batch (fewer prompts than one batch per rank)")
+            self.epoch, self.consumed, self._batches = self.epoch + 1, 0, None
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+
+class Stopwatch:
+    """Wall seconds per named part of a loop: ``with watch("generation"): ...`` adds the block's time.
+
+    On a CUDA device both ends of a block wait for queued kernels, so time is booked to the part
+    that launched the work (not to whichever later call happens to wait for it).
+    """
+
+    def __init__(self, parts: Iterable[str], device: Optional[torch.device] = None):
+        self.seconds: Dict[str, float] = dict.fromkeys(parts, 0.0)
+        self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        if part not in self.seconds:
+            raise KeyError(f"Stopwatch part {part!r}: expected one of {', '.join(self.seconds)}")
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[part] += time.perf_counter() - t0
+
+    def split(self, wall_s: float) -> Dict[str, float]:
+        """``<part>_s`` and ``<part>_share`` of ``wall_s`` for every part, plus ``other_s``/``other_share``
+        (the rest of ``wall_s``, never below 0) and ``wall_s``: the seconds sum to ``wall_s`` (when the
+        parts do not exceed it) and the shares to 1."""
+        return time_split(self.seconds, wall_s)
+
+
+def time_split(seconds: Dict[str, float], wall_s: float) -> Dict[str, float]:
+    """Seconds per part -> ``<part>_s``, ``<part>_share`` and the remainder ``other``. E.g.
+    {"a": 3, "b": 1} of wall 5 -> a_s 3, b_s 1, other_s 1, a_share 0.6, b_share 0.2, other_share 0.2."""
+    parts = {**seconds, "other": max(wall_s - sum(seconds.values()), 0.0)}
+    total = max(sum(parts.values()), 1e-12)
+    return {"wall_s": wall_s, **{f"{k}_s": v for k, v in parts.items()},
+            **{f"{k}_share": v / total for k, v in parts.items()}}
 
 
 def total_steps(n_batches: int, spec: LoopSpec, section: str = "train") -> int:

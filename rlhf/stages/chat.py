@@ -57,7 +57,9 @@ def trim_history(history: List[tuple], family: Family, tokenizer, user: str, lim
 
 
 def run(cfg, run_dir=None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> Dict[str, Any]:
-    from rlhf.models.load import config_key, load_causal_lm, load_tokenizer, resolve_family, resolve_path
+    from rlhf.engine.setup import device_for
+    from rlhf.models.build import load_trainable
+    from rlhf.models.load import config_key, load_tokenizer, resolve_family, resolve_path
     from rlhf.stages.common import generate
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -65,8 +67,8 @@ def run(cfg, run_dir=None, stdin: TextIO | None = None, stdout: TextIO | None = 
     path = resolve_path(cfg.model, Path(cfg.cache_dir), key=config_key(cfg.model))
     family = resolve_family(cfg.model, path)
     tokenizer = load_tokenizer(path, family, trust_remote_code=cfg.model.trust_remote_code, key=config_key(cfg.model))
-    device = torch.device("cuda") if cfg.hardware.accelerator == "cuda" else torch.device("cpu")
-    model = load_causal_lm(cfg.model, path, disable_dropout=True).to(device).eval()
+    device = device_for(cfg.hardware)
+    model = load_trainable(cfg.model, path, disable_dropout=True).to(device).eval()
     c = cfg.chat
     setting = {k: (c[k] if c[k] is not None else family.generation_default(k, default))
                for k, default in (("max_new_tokens", 256), ("do_sample", False), ("temperature", 0.8), ("top_k", 10))}

@@ -124,4 +124,7 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
         value_s = "-" if value is None else f"{value:.4g}"
         lines.append(f"| {name} | {key} | {value_s} | {r.get('wall_time_s', 0.0):.1f} | "
                      f"{_rule_cell(r, 'rule_rate')} | {_rule_cell(r, 'rule_rate_sampled')} |")
-    return "\n".join(lines)
+    from rlhf.stages.ppo import time_line
+
+    lines += ["", *(f"{name}: {time_line(r['time_split'])}" for name, r in results.items() if r.get("time_split"))]
+    return "\n".join(lines).rstrip()

@@ -10,10 +10,12 @@ reward function (``reward.fn``, rlhf/rewards.py); either may be used alone.
 Steps:
   1. start the run; resolve the actor (``actor.path``) and critic/reward (``critic.path``) dirs;
   2. data: step-3 share of the prompts (left padded), optional PTX text;
-  3. build the four models and the hybrid engine; score the held-out demo rule (start);
-  4. loop: ``generate_experience`` on ``generation_batches`` prompt batches, then
-     ``train_rlhf`` for ``ppo_epochs`` over mini-batches; KL controller, EMA, metrics;
-  5. score the held-out rule (end); save actor, critic and EMA; summary.json.
+  3. build the four models and the hybrid engine; score the held-out demo rule (start), or
+     restore a checkpoint;
+  4. loop (``_loop``): ``generate_experience`` on ``generation_batches`` prompt batches drawn
+     from a resumable ``PromptCursor``, then ``train_rlhf`` for ``ppo_epochs`` over mini-batches;
+     KL controller, EMA, metrics, checkpoints; the trainer's ``Stopwatch`` times each part;
+  5. score the held-out rule (end); save actor, critic and EMA; summary.json with the time split.
 """
 from __future__ import annotations
 
@@ -28,20 +30,27 @@ import torch
 
 from rlhf.algos import ppo as P
 from rlhf.algos.logprobs import masked_whiten
+from rlhf.algos.masks import rollout_masks
 from rlhf.engine.rlhf_engine import RLHFEngine, critic_values, policy_logprobs, reward_scores
+from rlhf.engine.trainer import Stopwatch
 from rlhf.stages import common
 
 log = logging.getLogger(__name__)
 
 
+TIME_PARTS = ("generation", "experience", "actor_train", "critic_train")  # + other: the rest of the loop
+
+
 class PPOTrainer:
-    """DeepSpeed-Chat's trainer API: ``generate_experience(prompts)`` and ``train_rlhf(exp)``."""
+    """DeepSpeed-Chat's trainer API: ``generate_experience(prompts)`` and ``train_rlhf(exp)``. ``watch``
+    adds up the seconds of each part (TIME_PARTS) for the run's time split."""
 
     def __init__(self, rlhf: RLHFEngine, ppo, device, verify=None, reward_fn=None):
         self.m, self.cfg, self.device, self.verify, self.reward_fn = rlhf, ppo, device, verify, reward_fn
         self.estimator = P.get_estimator(ppo.advantage)
         self.kl_ctl = (P.AdaptiveKLController(ppo.kl_ctl, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
                        else P.FixedKLController(ppo.kl_ctl))
+        self.watch = Stopwatch(TIME_PARTS, device)
 
     def score(self, seq, mask, prompts: List[str], answers: List[str]) -> Dict[str, torch.Tensor]:
         """Per answer: reward model score (0 without one), reward function score (0 without one)
@@ -55,27 +64,26 @@ class PPOTrainer:
     def generate_experience(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         """Sample answers, then score them: log-probs, reference log-probs, values (with a critic),
         rewards, advantages (``ppo.advantage``)."""
-        c, tok = self.cfg, self.m.tokenizer
+        c = self.cfg
         prompt, pmask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         if c.samples_per_prompt > 1:  # the answers to one prompt stay adjacent (group baseline)
             prompt = prompt.repeat_interleave(c.samples_per_prompt, dim=0)
             pmask = pmask.repeat_interleave(c.samples_per_prompt, dim=0)
-        t0 = time.perf_counter()
-        seq = self.m.hybrid.generate_sequences(prompt, pmask, max_new_tokens=c.max_answer_len,
-                                               min_new_tokens=c.min_answer_len, do_sample=True,
-                                               temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
-        gen_s = time.perf_counter() - t0
-        # answer mask: real tokens up to and including the first EOS
-        n_prompt = prompt.shape[1]
-        answer = seq[:, n_prompt:]
-        is_eos = answer == tok.eos_token_id
-        answer_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()
-        mask = torch.cat([pmask, answer_mask], dim=1)
-        answer_len = answer_mask.sum(1)
-        valid = (answer_len > 1).long()  # answers of at most one real token are dropped (masked out)
-        action_mask = mask[:, 1:].clone()
-        action_mask[:, : n_prompt - 1] = 0
-        action_mask *= valid.unsqueeze(1)
+        before = self.watch.seconds["generation"]
+        with self.watch("generation"):
+            seq = self.m.hybrid.generate_sequences(prompt, pmask, max_new_tokens=c.max_answer_len,
+                                                   min_new_tokens=c.min_answer_len, do_sample=True,
+                                                   temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+        with self.watch("experience"):
+            exp = self._experience(prompt, pmask, seq)
+        exp["stats"]["generation_s"] = self.watch.seconds["generation"] - before
+        return exp
+
+    def _experience(self, prompt, pmask, seq) -> Dict[str, Any]:
+        """The scoring half of ``generate_experience``: forwards of actor, reference, critic and reward."""
+        c, tok = self.cfg, self.m.tokenizer
+        answer = seq[:, prompt.shape[1]:]
+        mask, action_mask, answer_len, valid = rollout_masks(pmask, answer, tok.eos_token_id)
         critic = self.m.critic
         self.m.actor.eval()
         logprobs = policy_logprobs(self.m.actor, seq, mask)
@@ -104,7 +112,7 @@ class PPOTrainer:
         ok = valid.bool()
         stats = {"reward": float(scores[ok].mean()) if valid.any() else 0.0,
                  "kl": float(kl["kl"]), "answer_len": float(answer_len.float().mean()),
-                 "valid_share": float(valid.float().mean()), "generation_s": gen_s, "answers": float(seq.shape[0]),
+                 "valid_share": float(valid.float().mean()), "generation_s": 0.0, "answers": float(seq.shape[0]),
                  "generated_tokens": float(answer_len.sum())}
         if self.reward_fn is not None and valid.any():
             stats["reward_fn"] = float(scored["fn"][ok].mean())
@@ -122,28 +130,30 @@ class PPOTrainer:
         """One PPO update of actor (and critic, if any) on a mini-batch of experience (plus PTX)."""
         c, actor, critic = self.cfg, self.m.actor, self.m.critic
         seq, mask, am = exp["seq"], exp["mask"], exp["action_mask"]
-        logp = policy_logprobs(actor, seq, mask)
-        actor_loss, a_stats = P.policy_loss(logp, exp["logprobs"], exp["advantages"], am, c.cliprange)
-        out = {"actor_clipfrac": float(a_stats["clipfrac"]), "approx_kl": float(a_stats["approx_kl"])}
-        if self.estimator.kl_in_loss:  # GRPO: KL to the reference as a loss term, weight kl_ctl
-            kl_term = P.kl_loss(logp, exp["ref_logprobs"], am)
-            actor_loss = actor_loss + self.kl_ctl.value * kl_term
-            out["kl_loss"] = float(kl_term.detach())
-        actor.backward(actor_loss)
-        actor.step()
-        out["actor_loss"] = float(actor_loss.detach())
-        if unsup is not None:  # PTX: pre-training loss keeps public-benchmark skills
-            unsup = {k: v.to(self.device) for k, v in unsup.items()}
-            ptx_loss = actor(**unsup).loss * c.unsup_coef
-            actor.backward(ptx_loss)
+        with self.watch("actor_train"):
+            logp = policy_logprobs(actor, seq, mask)
+            actor_loss, a_stats = P.policy_loss(logp, exp["logprobs"], exp["advantages"], am, c.cliprange)
+            out = {"actor_clipfrac": float(a_stats["clipfrac"]), "approx_kl": float(a_stats["approx_kl"])}
+            if self.estimator.kl_in_loss:  # GRPO: KL to the reference as a loss term, weight kl_ctl
+                kl_term = P.kl_loss(logp, exp["ref_logprobs"], am)
+                actor_loss = actor_loss + self.kl_ctl.value * kl_term
+                out["kl_loss"] = float(kl_term.detach())
+            actor.backward(actor_loss)
             actor.step()
-            out["ptx_loss"] = float(ptx_loss) / max(c.unsup_coef, 1e-12)
+            out["actor_loss"] = float(actor_loss.detach())
+            if unsup is not None:  # PTX: pre-training loss keeps public-benchmark skills
+                unsup = {k: v.to(self.device) for k, v in unsup.items()}
+                ptx_loss = actor(**unsup).loss * c.unsup_coef
+                actor.backward(ptx_loss)
+                actor.step()
+                out["ptx_loss"] = float(ptx_loss.detach()) / max(c.unsup_coef, 1e-12)
         if critic is not None:
-            values = critic_values(critic, seq, mask)
-            critic_loss, v_stats = P.value_loss(values, exp["values"], exp["returns"], am, c.cliprange_value)
-            critic.backward(critic_loss)
-            critic.step()
-            out.update(critic_loss=float(critic_loss.detach()), critic_clipfrac=float(v_stats["clipfrac"]))
+            with self.watch("critic_train"):
+                values = critic_values(critic, seq, mask)
+                critic_loss, v_stats = P.value_loss(values, exp["values"], exp["returns"], am, c.cliprange_value)
+                critic.backward(critic_loss)
+                critic.step()
+                out.update(critic_loss=float(critic_loss.detach()), critic_clipfrac=float(v_stats["clipfrac"]))
         return out
 
 
@@ -160,7 +170,7 @@ def _mean(rows: List[Dict[str, float]]) -> Dict[str, float]:
     return {k: sum(r[k] for r in rows if k in r) / max(sum(k in r for r in rows), 1) for k in keys}
 
 
-def _extra_state(trainer: PPOTrainer, m: RLHFEngine, rule_start, pos) -> Dict[str, Any]:
+def _extra_state(trainer: PPOTrainer, m: RLHFEngine, rule_start) -> Dict[str, Any]:
     """What a PPO checkpoint holds besides the engines: KL controller, start metrics, EMA."""
     out: Dict[str, Any] = {"kl_ctl": trainer.kl_ctl.state_dict(), "rule_start": rule_start}
     if m.ema is not None:
@@ -188,6 +198,11 @@ def check(cfg):
     est = P.get_estimator(c.advantage)
     if c.samples_per_prompt < 1:
         raise ValueError(f"ppo.samples_per_prompt={c.samples_per_prompt}: must be >= 1")
+    rows = c.generation_batch_size * c.samples_per_prompt  # answers per rollout
+    if rows % c.train_batch_size:
+        raise ValueError(f"ppo.generation_batch_size={c.generation_batch_size} x ppo.samples_per_prompt="
+                         f"{c.samples_per_prompt} = {rows} answers per rollout is not a multiple of "
+                         f"ppo.train_batch_size={c.train_batch_size}: each rollout must split into whole mini-batches")
     if not est.critic and c.samples_per_prompt < 2:
         raise ValueError(f"ppo.advantage={c.advantage} has no critic and compares the answers to one prompt: "
                          f"set ppo.samples_per_prompt >= 2 (got {c.samples_per_prompt}), e.g. 4 with "
@@ -231,46 +246,38 @@ def run_grpo(cfg, run_dir=None) -> Dict[str, Any]:
     return run(cfg, run_dir, stage="grpo")
 
 
-def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
-    from rlhf.data.blend import build_step_data, load_unsupervised
-    from rlhf.data.collate import PromptCollator, SFTCollator
-    from rlhf.data.tokenize import tokenize_prompts, tokenize_text
-    from rlhf.engine.rlhf_engine import build_rlhf_engine
-    from rlhf.engine.setup import all_reduce_mean, barrier
-    from rlhf.engine.trainer import _any_rank, _interrupt, make_loader, stop_requests
-    from rlhf.models.load import count_params, resolve_family, resolve_path, save_hf
-    from rlhf.models.reward import save_reward_model
+def _model_dirs(cfg, ctx, needs_rm_dir: bool):
+    """The actor's directory (``actor.path``) and the critic/reward model's (``critic.path``, else
+    the reward role's; None when neither a critic nor a reward model is built)."""
+    from rlhf.models.load import resolve_path
 
-    c = cfg.ppo
-    est, reward_fn = check(cfg)
-    rows = c.generation_batch_size * c.samples_per_prompt  # answers per rollout
-    if rows % c.train_batch_size:
-        raise ValueError(f"ppo.generation_batch_size={c.generation_batch_size} x ppo.samples_per_prompt="
-                         f"{c.samples_per_prompt} = {rows} answers per rollout is not a multiple of "
-                         f"ppo.train_batch_size={c.train_batch_size}: each rollout must split into whole mini-batches")
-    # 1. start; which checkpoints
-    ctx = common.start(cfg, stage, run_dir)
     actor_path = resolve_path(cfg.actor, ctx.cache_dir, key="actor")
-    needs_rm_dir = est.critic or c.reward_model
     critic_path = (cfg.critic.path or resolve_path(cfg.reward, ctx.cache_dir, key="reward")) if needs_rm_dir else None
     if cfg.critic.path and not Path(critic_path).exists():
         raise FileNotFoundError(f"critic.path={cfg.critic.path}: no such directory (a step-2 model dir)")
-    actor_family, critic_family = resolve_family(cfg.actor, actor_path), resolve_family(cfg.reward, critic_path)
-    tokenizer = common.load_tokenizer(ctx, actor_path, model_cfg=cfg.actor)
-    # 2. data: prompts (left padded) and optional PTX text
+    return actor_path, critic_path
+
+
+def _data(cfg, ctx, tokenizer):
+    """Step 3's share of the prompts (left padded) -> (loader, prompts, stats, PTX batches or None)."""
+    from rlhf.data.blend import build_step_data, load_unsupervised
+    from rlhf.data.collate import PromptCollator, SFTCollator
+    from rlhf.data.tokenize import tokenize_prompts, tokenize_text
+    from rlhf.engine.trainer import make_loader
+
+    c = cfg.ppo
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
     train_rows, _ = build_step_data(cfg.data, 3, ctx.cache_dir, int(cfg.seed))
     prompts, pstats = tokenize_prompts(train_rows, tokenizer, c.max_prompt_len, data_cache, reload=cfg.data.reload)
     loader = make_loader(prompts.select_columns(["input_ids"]), c.generation_batch_size,
                          PromptCollator(tokenizer.pad_token_id), ctx.rank, ctx.world, int(cfg.seed))
-    unsup_iter = None
+    unsup = None
     if c.ptx:
         text = load_unsupervised(cfg.data.unsupervised or "demo", ctx.cache_dir, demo_size=cfg.data.demo_size)
         text_ds, _ = tokenize_text(text, tokenizer, c.max_prompt_len + c.max_answer_len, data_cache)
-        unsup_loader = make_loader(text_ds, c.train_batch_size,
-                                   SFTCollator(tokenizer.pad_token_id, tokenizer.padding_side),
-                                   ctx.rank, ctx.world, int(cfg.seed))
-        unsup_iter = itertools.cycle(unsup_loader)
+        unsup = itertools.cycle(make_loader(text_ds, c.train_batch_size,
+                                            SFTCollator(tokenizer.pad_token_id, tokenizer.padding_side),
+                                            ctx.rank, ctx.world, int(cfg.seed)))
     per_epoch = len(loader) // c.generation_batches
     n_iters = per_epoch * c.epochs if not c.max_steps else min(c.max_steps, per_epoch * c.epochs)
     if n_iters == 0:
@@ -278,12 +285,82 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
                          f"({len(loader)} batches of ppo.generation_batch_size={c.generation_batch_size} per rank), "
                          f"fewer than ppo.generation_batches={c.generation_batches}; add data (data.data_split, "
                          f"data.demo_size) or lower ppo.generation_batch_size")
+    return loader, prompts, pstats, unsup, n_iters
+
+
+def _loop(ctx, trainer: PPOTrainer, cursor, unsup, ckpt, heldout, step: int, n_iters: int) -> Dict[str, float]:
+    """Step 4: rollouts of ``generation_batches`` prompt batches, ``ppo_epochs`` of mini-batch updates,
+    EMA and KL controller, metrics, eval and checkpoints when due; Ctrl-C stops at an iteration
+    boundary. Returns the step reached, throughput counters and the time split of the loop."""
+    from rlhf.engine.setup import all_reduce_mean
+    from rlhf.engine.trainer import _any_rank, _interrupt, stop_requests
+
+    c, m = trainer.cfg, trainer.m
+    rows = c.generation_batch_size * c.samples_per_prompt
+    t_start, tokens, samples = time.perf_counter(), 0.0, 0
+    bar = ctx.tracker.progress(total=n_iters, initial=step, desc="ppo")
+    with stop_requests() as interrupt:
+        while step < n_iters:
+            exps = [trainer.generate_experience(next(cursor)) for _ in range(c.generation_batches)]
+            train_stats = [trainer.train_rlhf(mb, next(unsup) if unsup else None)
+                           for _ in range(c.ppo_epochs) for mb in _minibatches(exps, c.train_batch_size)]
+            m.update_ema()
+            stats = _mean([e["stats"] for e in exps])
+            trainer.kl_ctl.update(stats["kl"], n_steps=rows * c.generation_batches)
+            tokens += stats["generated_tokens"] * len(exps)
+            samples += sum(e["seq"].shape[0] for e in exps)
+            step += 1
+            metrics = all_reduce_mean({**stats, **_mean(train_stats)})
+            elapsed, gen_s = time.perf_counter() - t_start, trainer.watch.seconds["generation"]
+            split = trainer.watch.split(elapsed)
+            metrics.update(kl_coef=trainer.kl_ctl.value, actor_lr=m.actor.get_lr()[0],
+                           samples_per_s=samples * ctx.world / elapsed, gen_tokens_per_s=tokens * ctx.world / max(gen_s, 1e-9),
+                           generation_time_share=gen_s / elapsed,
+                           **{f"time_{k}": v for k, v in split.items()})  # seconds so far and shares
+            if step % c.log_every == 0 or step == n_iters:
+                ctx.tracker.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", refresh=False)
+            if c.eval_every and step % c.eval_every == 0 and step < n_iters:
+                heldout(step)
+            ckpt.maybe_save(step, {"step": step, **cursor.state()})
+            if step < n_iters and _any_rank(interrupt["stop"]):  # Ctrl-C: checkpoint (when on), one line, stop
+                _interrupt(step, ckpt, {"step": step, **cursor.state()})
+    bar.close()
+    wall = time.perf_counter() - t_start
+    return {"step": step, "tokens": tokens, "samples": samples, "wall_s": wall,
+            "time_split": trainer.watch.split(wall)}
+
+
+def time_line(split: Dict[str, float]) -> str:
+    """One line of a step-3 time split: 'step-3 time 95 s: generation 37%, experience 17%, ...'."""
+    names = {"generation": "generation", "experience": "experience", "actor_train": "actor training",
+             "critic_train": "critic training", "other": "other"}
+    return f"step-3 time {split['wall_s']:.0f} s: " + ", ".join(
+        f"{name} {split[p + '_share']:.0%}" for p, name in names.items())
+
+
+def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
+    from rlhf.engine.rlhf_engine import build_rlhf_engine
+    from rlhf.engine.setup import barrier
+    from rlhf.engine.trainer import PromptCursor
+    from rlhf.models.load import count_params, save_hf
+    from rlhf.models.reward import save_reward_model
+
+    c = cfg.ppo
+    est, reward_fn = check(cfg)
+    # 1. start; which checkpoints
+    ctx = common.start(cfg, stage, run_dir)
+    actor_path, critic_path = _model_dirs(cfg, ctx, est.critic or c.reward_model)
+    tokenizer = common.load_tokenizer(ctx, actor_path, model_cfg=cfg.actor)
+    # 2. data: prompts (left padded) and optional PTX text
+    loader, prompts, pstats, unsup, n_iters = _data(cfg, ctx, tokenizer)
+    rows = c.generation_batch_size * c.samples_per_prompt  # answers per rollout
     updates = n_iters * c.ppo_epochs * c.generation_batches * max(rows // c.train_batch_size, 1)
     # 3. models
     m = build_rlhf_engine(actor_cfg=cfg.actor, actor_path=actor_path, critic_cfg=cfg.reward, critic_path=critic_path,
                           tokenizer=tokenizer, ppo=c, zero=cfg.zero, hardware=cfg.hardware, lora=cfg.lora,
-                          actor_family=actor_family, critic_family=critic_family, world=ctx.world,
-                          total_steps=updates, dtype=ctx.dtype, device=ctx.device,
+                          world=ctx.world, total_steps=updates, dtype=ctx.dtype, device=ctx.device,
                           with_critic=est.critic, with_reward=c.reward_model)
     verify = None
     if common.uses_demo(ctx):
@@ -301,64 +378,18 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
         return rules
 
     engines = {"actor": m.actor, **({"critic": m.critic} if m.critic is not None else {})}
-    ckpt, meta = common.checkpointing(ctx, engines,
-                                      lambda: _extra_state(trainer, m, rule_start, pos))
+    ckpt, meta = common.checkpointing(ctx, engines, lambda: _extra_state(trainer, m, rule_start))
     if meta is None:
-        rule_start = heldout(0)
-        pos = {"step": 0, "epoch": 0, "consumed": 0}
+        rule_start, pos = heldout(0), {"step": 0, "epoch": 0, "consumed": 0}
     else:
         rule_start, pos = _restore(meta, trainer, m)
     # 4. loop: experience, then PPO updates
-    t_start, gen_s, train_s, tokens, samples = time.perf_counter(), 0.0, 0.0, 0.0, 0
-    bar = ctx.tracker.progress(total=n_iters, initial=pos["step"], desc="ppo")
-    batches = None
-
-    def next_batch():
-        nonlocal batches
-        while True:
-            if batches is None:
-                loader.sampler.set_epoch(pos["epoch"])
-                batches = iter(loader)
-                for _ in range(pos["consumed"]):  # resumed mid-epoch: skip what was trained on
-                    next(batches)
-            batch = next(batches, None)
-            if batch is not None:
-                pos["consumed"] += 1
-                return batch
-            pos["epoch"], pos["consumed"], batches = pos["epoch"] + 1, 0, None
-
-    with stop_requests() as interrupt:
-        while pos["step"] < n_iters:
-            exps = [trainer.generate_experience(next_batch()) for _ in range(c.generation_batches)]
-            t0 = time.perf_counter()
-            train_stats = [trainer.train_rlhf(mb, next(unsup_iter) if unsup_iter else None)
-                           for _ in range(c.ppo_epochs) for mb in _minibatches(exps, c.train_batch_size)]
-            train_s += time.perf_counter() - t0
-            m.update_ema()
-            stats = _mean([e["stats"] for e in exps])
-            trainer.kl_ctl.update(stats["kl"], n_steps=rows * c.generation_batches)
-            gen_s += stats["generation_s"] * len(exps)
-            tokens += stats["generated_tokens"] * len(exps)
-            samples += sum(e["seq"].shape[0] for e in exps)
-            pos["step"] += 1
-            step = pos["step"]
-            metrics = all_reduce_mean({**stats, **_mean(train_stats)})
-            elapsed = time.perf_counter() - t_start
-            metrics.update(kl_coef=trainer.kl_ctl.value, actor_lr=m.actor.get_lr()[0],
-                           samples_per_s=samples * ctx.world / elapsed, gen_tokens_per_s=tokens * ctx.world / max(gen_s, 1e-9),
-                           generation_time_share=gen_s / elapsed)
-            if step % c.log_every == 0 or step == n_iters:
-                ctx.tracker.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", refresh=False)
-            if c.eval_every and step % c.eval_every == 0 and step < n_iters:
-                heldout(step)
-            ckpt.maybe_save(step, dict(pos))
-            if step < n_iters and _any_rank(interrupt["stop"]):  # Ctrl-C: checkpoint (when on), one line, stop
-                _interrupt(step, ckpt, dict(pos))
-    bar.close()
+    loop = _loop(ctx, trainer, PromptCursor(loader, pos["epoch"], pos["consumed"]), unsup, ckpt, heldout,
+                 pos["step"], n_iters)
+    split = loop["time_split"]
+    log.info("%s", time_line(split))
     # 5. score, save, summarise
-    rule_end = heldout(pos["step"])
+    rule_end = heldout(loop["step"])
     m.hybrid.release()
     actor_dir = common.export_hf(ctx, m.actor.module, tokenizer, ctx.run_dir / "model")
     critic_dir = None
@@ -376,14 +407,15 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
     return common.finish(ctx, {
         "stage": stage, "advantage": c.advantage, "reward_fn": cfg.reward.fn, "model_dir": str(actor_dir),
         "critic_dir": str(critic_dir) if critic_dir else None,
-        "ema_dir": str(ema_dir) if ema_dir else None, "steps": pos["step"],
+        "ema_dir": str(ema_dir) if ema_dir else None, "steps": loop["step"],
         "rule_rate_start": rule_start["rule_rate"], "rule_rate_sampled_start": rule_start["rule_rate_sampled"],
         **rule_end,
         "reward_mean": last.get("train/reward"), "reward_fn_mean": last.get("train/reward_fn"), "kl": last.get("train/kl"),
         "actor_loss": last.get("train/actor_loss"), "critic_loss": last.get("train/critic_loss"),
-        "answer_len": last.get("train/answer_len"), "generation_time_s": gen_s, "train_time_s": train_s,
-        "gen_tokens_per_s": tokens * ctx.world / max(gen_s, 1e-9),
-        "samples_per_s": samples * ctx.world / max(time.perf_counter() - t_start, 1e-9),
+        "answer_len": last.get("train/answer_len"), "generation_time_s": split["generation_s"],
+        "train_time_s": split["actor_train_s"] + split["critic_train_s"], "time_split": split,
+        "gen_tokens_per_s": loop["tokens"] * ctx.world / max(split["generation_s"], 1e-9),
+        "samples_per_s": loop["samples"] * ctx.world / max(loop["wall_s"], 1e-9),
         "hybrid_path": m.hybrid.path, "hybrid_reason": m.hybrid.reason, "prompts": len(prompts),
         "dropped_prompts": pstats.get("dropped", 0), "params": total, "trainable_params": trainable,
         "objective": (rule_end["rule_rate_sampled"] if rule_end["rule_rate_sampled"] is not None
