@@ -48,9 +48,9 @@ def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
 def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
     """Observed (seed 1234, the profile's one thread): SFT greedy 0.781 / sampled 0.445 on the 64
     held-out prompts; after 100 PPO iterations with the RM + 5 x the demo rule (the tiny preset)
-    greedy 0.766, sampled 0.688 (4 answers per prompt). Over seeds 1 and 3 (one thread) greedy
-    -0.016 / -0.047, sampled +0.187 / +0.133: the bounds below hold for all of them with a margin
-    (the README's robustness table has the grid); the greedy bound catches a faster actor (lr 3e-4
+    greedy 0.766, sampled 0.688 (4 answers per prompt). Over the robustness grid (seeds 1-3 x one and
+    two threads, the README) greedy changed by -0.063 to +0.031 and sampled by +0.086 to +0.234: the
+    bounds below hold for every run with a margin; the greedy bound catches a faster actor (lr 3e-4
     broke greedy sums, 0.80 -> 0.63, on the earlier preset)."""
     run_dir, _ = pipeline_run
     ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
@@ -58,10 +58,10 @@ def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
     # the PPO stage scores the SFT actor itself before training: the same numbers as step 1's
     assert ppo["rule_rate_start"] == pytest.approx(sft["rule_rate"])
     assert ppo["rule_rate_sampled_start"] == pytest.approx(sft["rule_rate_sampled"])
-    # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: +0.08 = 20)
-    assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.08, ppo
+    # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: +0.05 = 13)
+    assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.05, ppo
     # ... without trading the greedy answers away for reward
-    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.07, ppo
+    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.08, ppo
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["train/reward"] for r in rows if "train/reward" in r]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
@@ -76,8 +76,8 @@ def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
     """pipeline.compare=[dpo]: DPO starts from the pipeline's SFT model, and the pipeline summary
     holds each algorithm's held-out rates before and after (what sweep=robustness tabulates).
     Observed (seed 1234): PPO greedy 0.781 -> 0.766, sampled 0.445 -> 0.688; DPO 0.781 -> 0.781,
-    0.445 -> 0.754. Over seeds 1, 3 and 1234 DPO's sampled gain was +0.21 to +0.31 and its greedy
-    change 0 to +0.11; the greedy bound leaves three prompts (of 64) for another machine's numerics."""
+    0.445 -> 0.754. Over the robustness grid (six runs) DPO's sampled gain was +0.148 to +0.320 and
+    its greedy change 0 to +0.109; the bounds leave room for another machine's numerics."""
     run_dir, _ = pipeline_run
     summary = json.loads((run_dir / "summary.json").read_text())
     sft = summary["steps"]["sft"]
@@ -87,7 +87,7 @@ def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
         assert (r["rule_rate_sft"], r["rule_rate_sampled_sft"]) == (sft["rule_rate"], sft["rule_rate_sampled"])
         assert r["rule_rate_final"] == summary["steps"][algo]["rule_rate"]
     dpo = summary["by_algo"]["dpo"]
-    assert dpo["rule_rate_sampled_final"] >= dpo["rule_rate_sampled_sft"] + 0.15, dpo
+    assert dpo["rule_rate_sampled_final"] >= dpo["rule_rate_sampled_sft"] + 0.10, dpo
     assert dpo["rule_rate_final"] >= dpo["rule_rate_sft"] - 0.05, dpo
 
 
