@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 SWEEP  ?= zero_offload
+SIZE   ?= full
+RUNS   ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-fast bench sweep clean
@@ -34,11 +36,16 @@ test: $(STAMP) ## run the whole test suite
 test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
 	$(PY) -m pytest -q --durations=15 -m "not slow" $(ARGS)
 
-bench: $(STAMP) ## ZeRO/offload benchmark sweep on the tiny models (table.md/csv/png under multirun/)
-	$(PY) run.py -m sweep=zero_offload $(ARGS)
+$(VENV)/.bench: $(STAMP)
+	# TRL without its dependencies: everything it needs is already installed (no other torch)
+	$(PIP) install -q --no-deps "trl==1.16.0"
+	touch $@
 
-sweep: $(STAMP) ## any sweep: make sweep SWEEP=lora_rank ARGS="model=opt-1.3b hardware=a6000"
+bench: $(VENV)/.bench ## ours vs TRL on SFT, RM, DPO, step 3 (SIZE=smoke|full RUNS=2; JSON + table.md under bench-results/)
+	$(PY) -m bench --size $(SIZE) --runs $(RUNS) $(ARGS)
+
+sweep: $(STAMP) ## any sweep (default the ZeRO/offload one): make sweep SWEEP=lora_rank ARGS="model=opt-1.3b hardware=a6000"
 	$(PY) run.py -m sweep=$(SWEEP) $(ARGS)
 
 clean: ## remove caches and run outputs (keeps .venv)
-	rm -rf .cache outputs multirun .pytest_cache
+	rm -rf .cache outputs multirun bench-results .pytest_cache

@@ -8,7 +8,7 @@ Components receive one of these small group dataclasses (or plain values), never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -96,7 +96,7 @@ class DataConfig:
     max_prompt_len: int = 256  # prompts longer than this (tokens) are dropped as bad rows
     cache_dir: Optional[str] = None  # tokenised cache; None = <project cache>/data
     reload: bool = False  # rebuild the tokenised cache
-    demo_size: int = 2000  # pairs generated for the demo task (train; eval gets a tenth)
+    demo_size: int = 4000  # pairs generated for the demo task (train; eval gets a tenth)
     heldout_prompts: int = 64  # demo prompts scored by the task rule at the end of a stage
     heldout_samples: int = 4  # sampled answers per held-out prompt (temperature 1, seeded) for rule_rate_sampled
 
@@ -160,6 +160,7 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1  # implicit reward scale: beta * (logp - logp_ref)
     loss: str = "sigmoid"  # key of rlhf.algos.dpo.DPO_LOSSES
     label_smoothing: float = 0.0  # conservative DPO (sigmoid loss only)
+    sft_weight: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; TRL's rpo_alpha); 0 = plain DPO
     precompute_ref: bool = False  # reference log-probs computed once before training, no reference model kept
 
 
@@ -248,10 +249,27 @@ class CriticConfig:
     path: Optional[str] = None  # critic init (DeepSpeed-Chat: the step-2 model dir); None = the reward model
 
 
+PIPELINE_ALGOS = ("ppo", "dpo", "grpo")  # step-3 algorithms; all but dpo score answers with a step-2 reward model
+
+
+def pipeline_steps(pipe) -> List[Tuple[int, str]]:
+    """The (step, stage) pairs a pipeline runs, in order: sft (1); rm (2) when a step-3 algorithm
+    needs a reward model; then ``pipeline.algo`` and each of ``pipeline.compare`` (3), all starting
+    from the same step-1 (and step-2) models. ``pipeline.steps`` picks among them."""
+    algos = list(dict.fromkeys([str(pipe.algo), *map(str, pipe.compare)]))
+    out = [(1, "sft")] if 1 in pipe.steps else []
+    if 2 in pipe.steps and any(a != "dpo" for a in algos):
+        out.append((2, "rm"))
+    if 3 in pipe.steps:
+        out += [(3, a) for a in algos]
+    return out
+
+
 @dataclass
 class PipelineConfig:
     steps: List[int] = field(default_factory=lambda: [1, 2, 3])  # which steps to run (1 sft, 2 rm, 3 ppo/dpo)
     algo: str = "ppo"  # ppo (SFT -> RM -> PPO) | dpo (SFT -> DPO) | grpo (SFT -> RM -> PPO with ppo.advantage=grpo)
+    compare: List[str] = field(default_factory=list)  # more step-3 algos (ppo | dpo | grpo) run from the same SFT (and RM)
     eval: List[str] = field(default_factory=list)  # eval suites run on each step's model (eval.* settings)
 
 
@@ -354,6 +372,25 @@ def register() -> None:
     if not OmegaConf.has_resolver("run_dir_or"):
         OmegaConf.register_new_resolver("run_dir_or", lambda run_dir, default: run_dir or default)
         OmegaConf.register_new_resolver("hydra_subdir", lambda run_dir: None if run_dir else ".hydra")
+
+
+def compose(overrides: List[str], conf_dir: str):
+    """The validated config ``python run.py <overrides>`` would get, composed in-process (no Hydra job,
+    run_dir and cache_dir as the config says): tests and ``python -m bench`` use it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    register()
+    overrides = quote_numeric_choices(list(overrides))
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        full = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    choices = dict(full.hydra.runtime.choices)
+    with open_dict(full):
+        del full["hydra"]
+    cfg = resolve_models(full, overrides, choices)
+    validate(cfg)
+    return cfg
 
 
 # Groups whose option names are numbers ("zero=2"): Hydra's override grammar would read the value
@@ -481,7 +518,7 @@ def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
         from rlhf.stages import STAGES
 
         used = STAGES[stage].roles if stage in STAGES else ("actor",)
-        if stage == "pipeline" and cfg.pipeline.algo == "dpo":
+        if stage == "pipeline" and all(a == "dpo" for a in (cfg.pipeline.algo, *cfg.pipeline.compare)):
             used = ("actor",)
         for role in ROLE_GROUPS:
             if role not in used and set_by_user(role):
@@ -507,7 +544,7 @@ CHOICES: Dict[str, tuple] = {
     "sft.scheduler": ("cosine", "linear", "constant"), "rm.scheduler": ("cosine", "linear", "constant"),
     "dpo.scheduler": ("cosine", "linear", "constant"), "ppo.scheduler": ("cosine", "linear", "constant"),
     "rm.loss_mode": ("divergent", "last"), "ppo.reward_baseline": ("none", "group"),
-    "ppo.hybrid_gather": ("once", "per_layer"), "pipeline.algo": ("ppo", "dpo", "grpo"),
+    "ppo.hybrid_gather": ("once", "per_layer"), "pipeline.algo": PIPELINE_ALGOS,
     "run_dir_mode": ("new", "overwrite"),
 }
 # keys that must be >= 1 / >= 0
@@ -540,6 +577,19 @@ def _rules(cfg) -> List[str]:
     steps = list(cfg.pipeline.steps)
     if not steps or any(s not in (1, 2, 3) for s in steps):
         errors.append(f"pipeline.steps must be a non-empty subset of [1, 2, 3], got {steps}")
+    bad = [a for a in cfg.pipeline.compare if a not in PIPELINE_ALGOS]
+    if bad:
+        errors.append(f"pipeline.compare={list(cfg.pipeline.compare)}: {', '.join(map(str, bad))} not a step-3 "
+                      f"algorithm; expected some of {', '.join(PIPELINE_ALGOS)}")
+    from rlhf.algos.ppo import ADVANTAGES
+
+    runs_ppo = cfg.stage.name == "ppo" or (cfg.stage.name == "pipeline" and 3 in steps
+                                           and "ppo" in (cfg.pipeline.algo, *cfg.pipeline.compare))
+    est = ADVANTAGES.get(p.advantage)
+    if runs_ppo and est is not None and not est.critic and p.samples_per_prompt < 2:
+        errors.append(f"ppo.advantage={p.advantage} has no critic and compares the answers to one prompt: set "
+                      f"ppo.samples_per_prompt >= 2 (got {p.samples_per_prompt}), e.g. 4 with "
+                      "ppo.generation_batch_size divided by 4")
     if cfg.launch.timeout_s <= 0:
         errors.append(f"launch.timeout_s={cfg.launch.timeout_s}: must be > 0 (seconds a collective waits for a rank)")
     if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":

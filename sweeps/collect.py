@@ -163,8 +163,16 @@ def step_summaries(job: Job) -> Dict[int, Tuple[str, Optional[Dict[str, Any]]]]:
     if stage in _step_of_stage():
         return {_step_of_stage()[stage]: (stage, job.summary)}
     if stage == "pipeline":  # failed before any step reported: every step it was to run
-        names = {1: "sft", 2: "rm", 3: str(job.get("pipeline.algo", "ppo"))}
-        return {n: (names[n], None) for n in job.get("pipeline.steps", [1, 2, 3]) if n in names}
+        from types import SimpleNamespace
+
+        from rlhf.config import pipeline_steps
+
+        pipe = SimpleNamespace(algo=job.get("pipeline.algo", "ppo"), compare=job.get("pipeline.compare", []),
+                               steps=job.get("pipeline.steps", [1, 2, 3]))
+        out: Dict[int, Tuple[str, Optional[Dict[str, Any]]]] = {}
+        for n, name in pipeline_steps(pipe):  # step 3: pipeline.algo (its compare runs are extra)
+            out.setdefault(n, (name, None))
+        return out
     return {}
 
 
@@ -329,9 +337,22 @@ def largest_model_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]
 ROBUSTNESS_RATES = (("greedy", "rule_rate"), ("sampled", "rule_rate_sampled"))
 
 
+def _algo_results(job: Job) -> List[Tuple[str, Dict[str, Any]]]:
+    """(algo, {rule_rate_sft, rule_rate_final, ...}) per step-3 algorithm of a pipeline job:
+    ``pipeline.algo`` and each of ``pipeline.compare`` (summary ``by_algo``); a job that wrote no
+    summary gives one empty row per algorithm it was to run."""
+    by_algo = (job.summary or {}).get("by_algo")
+    if isinstance(by_algo, dict) and by_algo:
+        return list(by_algo.items())
+    algos = [str(job.get("pipeline.algo")), *map(str, job.get("pipeline.compare", None) or [])]
+    return [(a, {k: job.metric(k) for k in ("rule_rate_sft", "rule_rate_final", "rule_rate_sampled_sft",
+                                            "rule_rate_sampled_final")} if a == algos[0] else {})
+            for a in dict.fromkeys(algos)]
+
+
 def robustness_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
-    """Per pipeline run: SFT -> final rule rates (greedy, sampled) and their change; per algo the
-    median and the min of every number over its ok runs."""
+    """Per pipeline run and step-3 algorithm: SFT -> final rule rates (greedy, sampled) and their
+    change; per algo the median and the min of every number over its ok runs."""
     import statistics
 
     header = ["algo", "seed", "threads"]
@@ -339,14 +360,16 @@ def robustness_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
         header += [f"{label} before", f"{label} after", f"{label} change"]
     header.append("status")
     per_algo: Dict[str, List[List[Any]]] = {}
-    for job in sorted(jobs, key=lambda j: (str(j.get("pipeline.algo")), j.get("seed", 0), j.get("hardware.threads", 0))):
-        row: List[Any] = [job.get("pipeline.algo"), job.get("seed"), job.get("hardware.threads")]
-        for _, key in ROBUSTNESS_RATES:
-            before, after = job.metric(f"{key}_sft"), job.metric(f"{key}_final")
-            row += [before, after, after - before if before is not None and after is not None else None]
-        per_algo.setdefault(str(row[0]), []).append(row + [status_cell(job)])
+    for job in sorted(jobs, key=lambda j: (j.get("seed", 0), j.get("hardware.threads", 0))):
+        for algo, res in _algo_results(job):
+            row: List[Any] = [algo, job.get("seed"), job.get("hardware.threads")]
+            for _, key in ROBUSTNESS_RATES:
+                before, after = res.get(f"{key}_sft"), res.get(f"{key}_final")
+                row += [before, after, after - before if before is not None and after is not None else None]
+            status = status_cell(job) if res or not job.ok else "not run"
+            per_algo.setdefault(algo, []).append(row + [status])
     out: List[List[Any]] = []
-    for algo, rows in per_algo.items():
+    for algo, rows in sorted(per_algo.items()):
         out += rows
         for name, agg in (("median", statistics.median), ("min", min)):
             cells = []
@@ -544,7 +567,8 @@ def collect(sweep_dir: str | Path, table: str = "auto", out_dir: str | Path | No
         notes.append("Published numbers for comparison: " + ", ".join(f"sweeps/expected/{p.name}" for p in expected))
     if name == "robustness":
         notes[0] = (f"{len(jobs)} runs, {len(jobs) - len(failed)} ok. Held-out demo rule rates: before = the SFT "
-                    "model, after = the final model of the pipeline (pipeline.algo); greedy = one answer per prompt, "
+                    "model, after = each step-3 algorithm's final model (pipeline.algo and pipeline.compare, all from "
+                    "the same SFT model of a run); greedy = one answer per prompt, "
                     "sampled = data.heldout_samples answers per prompt at temperature 1.")
     if name == "dschat_e2e":
         notes.append("Each step's hours = its epoch size x epochs / its measured samples/s; "

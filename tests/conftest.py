@@ -10,11 +10,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from omegaconf import open_dict  # noqa: E402
-
-from rlhf.config import quote_numeric_choices, register, resolve_models, validate  # noqa: E402
+from rlhf.config import compose, register  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -23,14 +20,7 @@ register()
 
 def compose_cfg(*overrides: str, run_dir: str | Path | None = None, cache_dir: str | Path | None = None):
     """The config ``python run.py <overrides>`` would get (run_dir/cache_dir filled in)."""
-    overrides = quote_numeric_choices(list(overrides))
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        full = compose("config", overrides=overrides, return_hydra_config=True)
-    choices = dict(full.hydra.runtime.choices)
-    with open_dict(full):
-        del full["hydra"]
-    cfg = resolve_models(full, overrides, choices)
-    validate(cfg)
+    cfg = compose(list(overrides), CONF)
     if run_dir is not None:
         cfg.run_dir = str(run_dir)
     cfg.cache_dir = str(cache_dir or shared_cache())
@@ -47,3 +37,19 @@ def shared_cache() -> Path:
 @pytest.fixture
 def compose_config():
     return compose_cfg
+
+
+@pytest.fixture(scope="session")
+def default_pipeline(tmp_path_factory):
+    """`python run.py pipeline.compare=[dpo]`: the default SFT -> RM -> PPO pipeline on the tiny
+    default (what `make run` runs), plus DPO from the same SFT model; the shipped presets and the
+    hardware profile's thread count, nothing pinned. -> (run dir, stdout)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("pipeline")
+    out = subprocess.run([sys.executable, "run.py", "logger=none", "logger.progress=false",
+                          f"cache_dir={shared_cache()}", f"run_dir={run_dir}", "pipeline.compare=[dpo]"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return run_dir, out.stdout

@@ -83,3 +83,12 @@ def test_answer_mask_by_hand_for_both_padding_sides():
                          [1, 1, 1, 1, 1]])   # no padding: prompt 0-3, answer 4
     got = answer_mask(mask, torch.tensor([2, 1, 4]))
     assert got.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]]
+
+
+def test_chosen_nll_is_the_mean_per_token_nll():
+    from rlhf.algos.dpo import chosen_nll
+
+    # summed log-probs -3 over 3 tokens and -1 over 2 tokens: per-token NLL 1.0 and 0.5, mean 0.75
+    assert float(chosen_nll(torch.tensor([-3.0, -1.0]), torch.tensor([3, 2]))) == pytest.approx(0.75)
+    # an empty answer counts as one token (no division by zero)
+    assert float(chosen_nll(torch.tensor([0.0]), torch.tensor([0]))) == 0.0

@@ -174,3 +174,24 @@ def test_every_preset_changes_the_default(group):
     for option in options:
         cfg = OmegaConf.to_container(compose_cfg(f"{group}={option}"), resolve=True)
         assert cfg != default, f"{group}={option} changes nothing"
+
+
+def test_pipeline_steps_with_compared_algorithms():
+    steps = lambda *o: schema.pipeline_steps(compose_cfg("stage=pipeline", *o).pipeline)  # noqa: E731
+    assert steps() == [(1, "sft"), (2, "rm"), (3, "ppo")]
+    assert steps("pipeline.algo=dpo") == [(1, "sft"), (3, "dpo")]  # DPO needs no reward model
+    assert steps("pipeline.algo=dpo", "pipeline.compare=[grpo,dpo]") == [(1, "sft"), (2, "rm"), (3, "dpo"), (3, "grpo")]
+    assert steps("pipeline.compare=[dpo,grpo]", "pipeline.steps=[3]") == [(3, "ppo"), (3, "dpo"), (3, "grpo")]
+    # a compared PPO-family step makes the reward role one the pipeline reads
+    assert compose_cfg("stage=pipeline", "pipeline.algo=dpo", "pipeline.compare=[ppo]", "reward=tiny-llama")
+    with pytest.raises(ValueError, match="does not use `reward`"):
+        compose_cfg("stage=pipeline", "pipeline.algo=dpo", "reward=tiny-llama")
+
+
+def test_pipeline_compare_and_critic_free_rules_fail_at_compose():
+    with pytest.raises(ValueError, match=r"pipeline.compare=\['sac'\]: sac not a step-3 algorithm"):
+        compose_cfg("stage=pipeline", "pipeline.compare=[sac]")
+    # the pipeline's step 3 with a critic-free estimator and one answer per prompt: caught before any step runs
+    with pytest.raises(ValueError, match="ppo.advantage=rloo has no critic.*ppo.samples_per_prompt >= 2"):
+        compose_cfg("stage=pipeline", "ppo.advantage=rloo")
+    assert compose_cfg("stage=pipeline", "pipeline.algo=dpo", "ppo.advantage=rloo")  # no PPO step: not read

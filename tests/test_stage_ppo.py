@@ -25,36 +25,33 @@ def cli(*args, timeout=1200, **kw):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    """`python run.py` with no stage: the default SFT -> RM -> PPO pipeline on the tiny default."""
-    run_dir = tmp_path_factory.mktemp("pipeline")
-    out = cli(f"run_dir={run_dir}")
-    return run_dir, out.stdout
+def pipeline_run(default_pipeline):
+    """The default pipeline (tests/conftest.py), run once per session."""
+    return default_pipeline
 
 
 @pytest.mark.slow
 def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
     run_dir, stdout = pipeline_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["steps"]) == {"sft", "rm", "ppo"}
+    assert set(summary["steps"]) == {"sft", "rm", "ppo", "dpo"}  # dpo: pipeline.compare
     for step in ("sft", "rm", "ppo"):
         assert (run_dir / step / "summary.json").exists()
         assert (run_dir / step / "model" / "config.json").exists()
     assert "| sft | eval_ppl |" in stdout and "| ppo | reward_mean |" in stdout
     rm = summary["steps"]["rm"]
-    assert rm["acc"] >= 0.9, rm  # observed 1.0 (one thread) and 0.95 (two threads) on the 80 eval pairs
+    assert rm["acc"] >= 0.85, rm  # observed 0.975 here; 0.881-0.944 over the robustness grid (160 eval pairs)
     AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "model")  # transformers alone
 
 
 @pytest.mark.slow
 def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
-    """Observed (seed 1234, one thread, the profile's count): SFT greedy 0.797 / sampled 0.336 on the 64
-    held-out prompts; after 100 PPO iterations with the RM + 5 x the demo rule (the tiny preset) greedy
-    0.812, sampled 0.492 (4 answers per prompt), KL 0.33 nats per answer; with the RM alone greedy 0.781,
-    sampled 0.504, KL 0.23, reward -5.2 -> 3.5 (first vs last 10 iterations). The tiny reward model judges format,
-    refusals and parity best and sums least (trained 10 epochs instead of 20 it was blind to sums);
-    a faster actor (lr 3e-4) gains as much sampled rate but finds those blind spots and breaks
-    greedy sums (0.80 -> 0.63): the greedy bound below catches that."""
+    """Observed (seed 1234, the profile's one thread): SFT greedy 0.781 / sampled 0.445 on the 64
+    held-out prompts; after 100 PPO iterations with the RM + 5 x the demo rule (the tiny preset)
+    greedy 0.766, sampled 0.688 (4 answers per prompt). Over the robustness grid (seeds 1-3 x one and
+    two threads, the README) greedy changed by -0.063 to +0.031 and sampled by +0.086 to +0.234: the
+    bounds below hold for every run with a margin; the greedy bound catches a faster actor (lr 3e-4
+    broke greedy sums, 0.80 -> 0.63, on the earlier preset)."""
     run_dir, _ = pipeline_run
     ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
     sft = json.loads((run_dir / "sft" / "summary.json").read_text())
@@ -64,7 +61,7 @@ def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
     # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: +0.05 = 13)
     assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.05, ppo
     # ... without trading the greedy answers away for reward
-    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.07, ppo
+    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.08, ppo
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["train/reward"] for r in rows if "train/reward" in r]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
@@ -72,6 +69,26 @@ def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
     assert 0.0 <= ppo["kl"] < 1.0
     for key in ("generation_time_s", "train_time_s", "gen_tokens_per_s", "samples_per_s"):
         assert ppo[key] > 0
+
+
+@pytest.mark.slow
+def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
+    """pipeline.compare=[dpo]: DPO starts from the pipeline's SFT model, and the pipeline summary
+    holds each algorithm's held-out rates before and after (what sweep=robustness tabulates).
+    Observed (seed 1234): PPO greedy 0.781 -> 0.766, sampled 0.445 -> 0.688; DPO 0.781 -> 0.781,
+    0.445 -> 0.754. Over the robustness grid (six runs) DPO's sampled gain was +0.148 to +0.320 and
+    its greedy change 0 to +0.109; the bounds leave room for another machine's numerics."""
+    run_dir, _ = pipeline_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sft = summary["steps"]["sft"]
+    assert set(summary["by_algo"]) == {"ppo", "dpo"}
+    for algo in ("ppo", "dpo"):
+        r = summary["by_algo"][algo]
+        assert (r["rule_rate_sft"], r["rule_rate_sampled_sft"]) == (sft["rule_rate"], sft["rule_rate_sampled"])
+        assert r["rule_rate_final"] == summary["steps"][algo]["rule_rate"]
+    dpo = summary["by_algo"]["dpo"]
+    assert dpo["rule_rate_sampled_final"] >= dpo["rule_rate_sampled_sft"] + 0.10, dpo
+    assert dpo["rule_rate_final"] >= dpo["rule_rate_sft"] - 0.05, dpo
 
 
 @pytest.mark.slow

@@ -32,6 +32,12 @@ def test_sft_loss_falls_and_perplexity_beats_untrained(tmp_path, model):
     assert summary["eval_ppl"] < 0.1 * summary["eval_ppl_initial"]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert 0.0 <= summary["rule_rate"] <= 1.0
+    # the greedy rate per task adds up to the overall one (16 held-out prompts, weighted by each task's count)
+    from rlhf.data.demo import heldout_prompts, task_of
+
+    tasks = [task_of(p) for p in heldout_prompts(16, seed=1234)]
+    by_task = sum(summary[f"rule_rate_{t}"] * tasks.count(t) for t in ("add", "parity", "next")) / len(tasks)
+    assert by_task == pytest.approx(summary["rule_rate"])
     for key in ("samples_per_s", "tokens_per_s", "peak_host_mem_gb", "wall_time_s"):
         assert summary[key] > 0
     saved = json.loads((tmp_path / "summary.json").read_text())

@@ -238,3 +238,20 @@ def test_collect_robustness_rows_with_median_and_min(tmp_path):
     assert (rows[7]["greedy change"], rows[7]["sampled change"], rows[7]["greedy before"]) == ("-0.25", "0.125", "0.5")
     assert "| ppo | median | 3 runs |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "table.png").read_bytes()[:8] == PNG
+
+
+def test_collect_robustness_gives_a_row_per_compared_algo(tmp_path):
+    """pipeline.compare: one job, several step-3 algorithms from the same SFT start, one row each."""
+    cfg = {**job_cfg(stage_name="pipeline"), "seed": 2, "hardware": {"name": "cpu", "threads": 1},
+           "pipeline": {"algo": "ppo", "compare": ["dpo"], "steps": [1, 2, 3]}}
+    by_algo = {"ppo": {"rule_rate_sft": 0.5, "rule_rate_final": 0.625, "rule_rate_sampled_sft": 0.25,
+                       "rule_rate_sampled_final": 0.5},
+               "dpo": {"rule_rate_sft": 0.5, "rule_rate_final": 0.375, "rule_rate_sampled_sft": 0.25,
+                       "rule_rate_sampled_final": 0.3125}}
+    fake_job(tmp_path, 0, ["seed=2", "hardware.threads=1"], cfg, {"stage": "pipeline", "by_algo": by_algo})
+    collect(tmp_path, "robustness")
+    rows = read_csv(tmp_path / "table.csv")
+    assert [(r["algo"], r["seed"]) for r in rows] == [("dpo", "2"), ("dpo", "median"), ("dpo", "min"),
+                                                      ("ppo", "2"), ("ppo", "median"), ("ppo", "min")]
+    assert (rows[0]["greedy change"], rows[0]["sampled change"]) == ("-0.125", "0.0625")
+    assert (rows[3]["greedy change"], rows[3]["sampled change"]) == ("0.125", "0.25")

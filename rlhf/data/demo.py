@@ -169,6 +169,12 @@ def verify(prompt: str, answer: str) -> bool:
     return m is not None and int(m.group()) == v
 
 
+def task_of(prompt: str) -> str | None:
+    """The demo task of a prompt (add, parity, next), None for any other prompt."""
+    parsed = _parse(prompt)
+    return parsed[0] if parsed else None
+
+
 def reward(prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
     """The rule as a reward function (``reward.fn=rlhf.data.demo:reward``): 1.0 per answer that
     passes :func:`verify`, 0.0 otherwise."""

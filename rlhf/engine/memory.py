@@ -553,16 +553,17 @@ def _inference(cfg, shape, sc: Scenario) -> Tuple[str, List[Role]]:
 
 
 def training_stages(cfg, stage: str) -> List[str]:
-    """The training stages a run of ``stage`` executes: itself, the pipeline's steps (``pipeline.steps``
-    with ``pipeline.algo`` as step 3) or the whole pipeline for ``plan``; none for the others."""
+    """The training stages a run of ``stage`` executes: itself, the pipeline's steps
+    (rlhf.config.pipeline_steps: ``pipeline.steps``, ``pipeline.algo`` and ``pipeline.compare``) or
+    the whole pipeline for ``plan``; none for the others."""
+    from rlhf.config import pipeline_steps
     from rlhf.stages import STAGES
 
     algo = str(cfg.pipeline.algo)
     if stage == "plan":
         return ["sft", "rm", "grpo" if algo == "grpo" else "ppo"]
     if stage == "pipeline":  # step 2 trains a reward model only for an algorithm that holds one (not dpo)
-        return [name for name, step in (("sft", 1), ("rm", 2), (algo, 3))
-                if step in cfg.pipeline.steps and (step != 2 or "reward" in _held(algo))]
+        return [name for _, name in pipeline_steps(cfg.pipeline)]
     return [stage] if stage in STAGES and STAGES[stage].step is not None else []
 
 

@@ -48,8 +48,10 @@ def _needs_trained_critic(cfg) -> bool:
 
         return get_estimator(cfg.ppo.advantage).critic
     if stage == "pipeline":
-        pipe = cfg.pipeline
-        return pipe.algo in ("ppo", "grpo") and 3 in pipe.steps and 2 not in pipe.steps
+        from rlhf.config import pipeline_steps
+
+        names = [name for _, name in pipeline_steps(cfg.pipeline)]
+        return "rm" not in names and any(n in ("ppo", "grpo") for n in names)
     return False
 
 

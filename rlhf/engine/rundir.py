@@ -117,9 +117,9 @@ def _owned_dirs(cfg, run_dir: Path) -> List[Path]:
     """The directories this run will write its results into (a pipeline: its steps' subdirectories)."""
     if cfg.stage.name != "pipeline":
         return [run_dir]
-    algo = cfg.pipeline.algo
-    names = {1: "sft", 2: "rm" if algo == "ppo" else None, 3: algo}
-    return [run_dir / names[s] for s in cfg.pipeline.steps if names.get(s)]
+    from rlhf.config import pipeline_steps
+
+    return [run_dir / name for _, name in pipeline_steps(cfg.pipeline)]
 
 
 def previous_run(d: Path) -> List[str]:

@@ -263,11 +263,14 @@ def heldout_rule_rates(ctx: Context, module, tokenizer, max_new_tokens: int = 16
     """
     if not uses_demo(ctx):
         return {"rule_rate": None, "rule_rate_sampled": None}
-    from rlhf.data.demo import heldout_prompts, rule_rate
+    from rlhf.data.demo import heldout_prompts, rule_rate, task_of
 
     prompts = heldout_prompts(int(ctx.cfg.data.heldout_prompts), seed=int(ctx.cfg.seed))
     greedy = generate(module, tokenizer, prompts, max_new_tokens=max_new_tokens, device=ctx.device)
     out: Dict[str, Optional[float]] = {"rule_rate": float(rule_rate(prompts, greedy)), "rule_rate_sampled": None}
+    for task in sorted({task_of(p) for p in prompts}):
+        mine = [(p, a) for p, a in zip(prompts, greedy) if task_of(p) == task]
+        out[f"rule_rate_{task}"] = float(rule_rate(*zip(*mine)))
     k = int(ctx.cfg.data.heldout_samples)
     if k > 0:
         repeated = [p for p in prompts for _ in range(k)]

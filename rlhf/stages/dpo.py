@@ -121,7 +121,7 @@ def reference_mode(sec, lora) -> str:
 
 
 def run(cfg, run_dir=None) -> Dict[str, Any]:
-    from rlhf.algos.dpo import dpo_loss
+    from rlhf.algos.dpo import chosen_nll, dpo_loss
     from rlhf.data.blend import build_step_data
     from rlhf.data.tokenize import tokenize_pairs
     from rlhf.engine.setup import build_eval_engine
@@ -176,6 +176,10 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         b = batch["prompt_len"].shape[0]
         logp, ref = answer_logprobs(engine, batch), reference.logprobs(batch)
         loss, stats = dpo_loss(sec.loss, logp[:b], logp[b:], ref[:b], ref[b:], sec.beta, sec.label_smoothing)
+        if sec.sft_weight:  # RPO: keep the chosen answers likely
+            tokens = answer_mask(batch["attention_mask"][:b], batch["prompt_len"])[:, 1:].sum(1)
+            stats["chosen_nll"] = chosen_nll(logp[:b], tokens)
+            loss = loss + sec.sft_weight * stats["chosen_nll"]
         return loss, {k: float(v) for k, v in stats.items()}
 
     @torch.no_grad()

@@ -1,11 +1,12 @@
 """All steps in one run: SFT -> RM -> PPO (``pipeline.algo=ppo``), SFT -> RM -> GRPO (``grpo``:
-the PPO stage with ``ppo.advantage=grpo``, no critic) or SFT -> DPO (``dpo``).
+the PPO stage with ``ppo.advantage=grpo``, no critic) or SFT -> DPO (``dpo``). ``pipeline.compare``
+adds more step-3 algorithms, each run from the same SFT (and RM) models: a paired comparison.
 
 The actor (``actor=...``, default the ``model`` choice) is fine-tuned in step 1 and optimised in
 step 3; the reward model (``reward=...``) is trained in step 2 and becomes critic and reward.
 Each step writes into its own subdirectory of the run (``sft/``, ``rm/``, ``ppo/`` or ``dpo/``)
-with its HF model directory and summary.json; the pipeline writes its own summary.json and prints
-a table. ``pipeline.steps=[3]`` reruns a later step on the outputs already in the run directory.
+with its HF model directory and summary.json; the pipeline writes its own summary.json (with
+``by_algo``: each step-3 algorithm's rule rates before and after) and prints a table. ``pipeline.steps=[3]`` reruns a later step on the outputs already in the run directory.
 
 Steps:
   1. plan which steps run and where their inputs come from;
@@ -19,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List
 
+from rlhf.config import pipeline_steps
 from rlhf.stages import STAGES, get_stage
 from rlhf.tracking import atomic_write_json
 
@@ -41,19 +43,11 @@ def _input_dir(run_dir: Path, step: str, produced: bool, given, key: str, needed
 
 
 def plan(cfg, run_dir: Path) -> List[tuple]:
-    """[(name, sub-config), ...] for the steps to run, each wired to its inputs."""
-    algo = cfg.pipeline.algo
-    if algo not in ("ppo", "dpo", "grpo"):
-        raise ValueError(f"pipeline.algo must be 'ppo', 'grpo' or 'dpo', got '{algo}'")
+    """[(name, sub-config), ...] for the steps to run, each wired to its inputs (the algorithms
+    and steps were checked by rlhf.config.validate)."""
     steps = list(cfg.pipeline.steps)
-    if not steps or any(s not in (1, 2, 3) for s in steps):
-        raise ValueError(f"pipeline.steps must be a subset of [1, 2, 3], got {steps}")
-    names = {1: "sft", 2: "rm" if algo in ("ppo", "grpo") else None, 3: algo}
     out = []
-    for s in sorted(steps):
-        name = names[s]
-        if name is None:
-            continue  # DPO needs no reward model
+    for _, name in pipeline_steps(cfg.pipeline):
         sub = copy.deepcopy(cfg)
         sub.stage.name = name
         if name == "sft":
@@ -84,18 +78,30 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 3. summary and table
     summary = {"stage": "pipeline", "algo": cfg.pipeline.algo, "steps": results}
     sft = results.get("sft", {})
-    final = results.get(cfg.pipeline.algo, {})
-    summary.update(rule_rate_sft=sft.get("rule_rate"), rule_rate_final=final.get("rule_rate"),
+    by_algo = {name: _before_after(sft, r) for name, r in results.items() if STAGES[name].step == 3}
+    final = by_algo.get(cfg.pipeline.algo, {})
+    summary.update(rule_rate_sft=sft.get("rule_rate"), rule_rate_final=final.get("rule_rate_final"),
                    rule_rate_sampled_sft=sft.get("rule_rate_sampled"),
-                   rule_rate_sampled_final=final.get("rule_rate_sampled"),
+                   rule_rate_sampled_final=final.get("rule_rate_sampled_final"), by_algo=by_algo,
                    wall_time_s=sum(r.get("wall_time_s", 0.0) for r in results.values()),
-                   objective=final.get("objective"))
+                   objective=results.get(cfg.pipeline.algo, {}).get("objective"))
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         atomic_write_json(run_dir / "summary.json", summary)
         print(table(results))
     return summary
+
+
+def _before_after(sft: Dict[str, Any], r: Dict[str, Any]) -> Dict[str, Any]:
+    """A step-3 result's held-out rule rates: its start (the SFT model; the step's own start score
+    when step 1 did not run here) and its end."""
+    out = {}
+    for key in ("rule_rate", "rule_rate_sampled", "rule_rate_add"):
+        start = r.get(f"{key}_start", r.get(f"{key}_initial"))
+        out[f"{key}_sft"] = sft.get(key, start) if sft else start
+        out[f"{key}_final"] = r.get(key)
+    return out
 
 
 def _rule_cell(r: Dict[str, Any], key: str) -> str:
