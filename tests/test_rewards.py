@@ -113,8 +113,9 @@ def test_planner_counts_no_critic_for_critic_free_estimators():
         return [r.name for r in rs]
 
     assert roles("stage=ppo") == ["actor", "critic", "reference", "reward"]
-    assert roles("stage=ppo", "ppo.advantage=rloo") == ["actor", "reference", "reward"]
-    assert roles("stage=ppo", "ppo.advantage=grpo", "ppo.reward_model=false") == ["actor", "reference"]
+    assert roles("stage=ppo", "ppo.advantage=rloo", "ppo.samples_per_prompt=2") == ["actor", "reference", "reward"]
+    assert roles("stage=ppo", "ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.reward_model=false",
+                 "reward.fn=rlhf.data.demo:reward") == ["actor", "reference"]
     assert "critic" not in roles("stage=pipeline", "pipeline.algo=grpo")
 
 
