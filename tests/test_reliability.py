@@ -368,7 +368,9 @@ def test_a_lost_rank_is_named_and_a_stuck_one_ends_the_run(tmp_path, how):
             rank1.kill()
     assert proc.returncode != 0
     assert "rank 1 died or stopped responding" in err, err[-3000:]
-    assert ("Connection reset" if how == "SIGKILL" else "Timed out waiting 10000ms") in err
+    # what the peer saw: a lost connection (gloo words it differently run to run) or the timeout
+    lost = ("Connection reset", "Connection closed", "Broken pipe", "connection closed", "Connection refused")
+    assert (any(w in err for w in lost) if how == "SIGKILL" else "Timed out waiting 10000ms" in err), err[-3000:]
     assert time.time() - t0 < 120
 
 

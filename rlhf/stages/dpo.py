@@ -178,8 +178,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         loss, stats = dpo_loss(sec.loss, logp[:b], logp[b:], ref[:b], ref[b:], sec.beta, sec.label_smoothing)
         if sec.sft_weight:  # RPO: keep the chosen answers likely
             tokens = answer_mask(batch["attention_mask"][:b], batch["prompt_len"])[:, 1:].sum(1)
-            stats["chosen_nll"] = chosen_nll(logp[:b], tokens)
-            loss = loss + sec.sft_weight * stats["chosen_nll"]
+            nll = chosen_nll(logp[:b], tokens)
+            loss, stats["chosen_nll"] = loss + sec.sft_weight * nll, nll.detach()
         return loss, {k: float(v) for k, v in stats.items()}
 
     @torch.no_grad()

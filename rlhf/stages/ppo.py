@@ -196,11 +196,8 @@ def check(cfg):
 
     c = cfg.ppo
     est = P.get_estimator(c.advantage)
-    # the single-key rules and batch-size arithmetic are rlhf.config.validate's (checked before launch)
-    if not est.critic and c.samples_per_prompt < 2:
-        raise ValueError(f"ppo.advantage={c.advantage} has no critic and compares the answers to one prompt: "
-                         f"set ppo.samples_per_prompt >= 2 (got {c.samples_per_prompt}), e.g. 4 with "
-                         f"ppo.generation_batch_size divided by 4")
+    # the single-key rules, the batch-size arithmetic and the critic-free estimators' two answers per
+    # prompt are rlhf.config.validate's (checked before launch)
     if c.reward_baseline == "group" and not est.critic:
         raise ValueError(f"ppo.reward_baseline=group is for ppo.advantage=gae; ppo.advantage={c.advantage} "
                          "sets its own baseline (leave ppo.reward_baseline=none)")
