@@ -15,9 +15,10 @@ from tests.conftest import ROOT, compose_cfg, shared_cache
 QUICK = ("logger=none", "logger.progress=false", "data.demo_size=400", "data.heldout_prompts=8")
 
 
+@pytest.mark.slow  # a 3-epoch learning run per loss (~25 s each): full suite only, keeps test-fast under 3 minutes
 @pytest.mark.parametrize("loss_mode,floor", [
-    ("divergent", 0.8),  # the default ranking loss: in test-fast
-    pytest.param("last", 0.65, marks=pytest.mark.slow),  # the same 3-epoch run for the other loss: full suite only
+    ("divergent", 0.8),  # the default ranking loss
+    ("last", 0.65),
 ])
 def test_rm_loss_falls_and_accuracy_beats_chance(tmp_path, loss_mode, floor):
     # the default 2000-pair demo, 3 epochs: observed held-out acc 0.85 (divergent), 0.72 (last)
