@@ -6,7 +6,8 @@ The actor (``actor=...``, default the ``model`` choice) is fine-tuned in step 1 
 step 3; the reward model (``reward=...``) is trained in step 2 and becomes critic and reward.
 Each step writes into its own subdirectory of the run (``sft/``, ``rm/``, ``ppo/`` or ``dpo/``)
 with its HF model directory and summary.json; the pipeline writes its own summary.json (with
-``by_algo``: each step-3 algorithm's rule rates before and after) and prints a table. ``pipeline.steps=[3]`` reruns a later step on the outputs already in the run directory.
+``by_algo``: each step-3 algorithm's rule rates before and after) and prints a table.
+``pipeline.steps=[3]`` reruns a later step on the outputs already in the run directory.
 
 Steps:
   1. plan which steps run and where their inputs come from;
