@@ -393,6 +393,23 @@ def test_a_full_disk_says_so(tmp_path):
         subprocess.run(["umount", "-l", str(disk)])  # lazily: the failed run still holds files open
 
 
+def test_a_failed_checkpoint_write_with_enospc_says_so_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """Where mounting a small tmpfs is not allowed (the test above skips), the same path: the
+    checkpoint's tensor writer fails with the error a full disk gives (ENOSPC); the run stops with
+    the message naming the checkpoint directory and removes the half-written checkpoint."""
+    import errno
+
+    import torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device while writing a checkpoint in .*run/checkpoints"):
+        sft("sft.max_steps=2", "zero=0", run_dir=tmp_path / "run")
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # the half-written one is removed
+
+
 def test_hydra_writes_its_log_into_run_dir_when_set():
     from hydra.core.utils import setup_globals
     from omegaconf import OmegaConf
