@@ -583,13 +583,32 @@ def _rules(cfg) -> List[str]:
                       f"algorithm; expected some of {', '.join(PIPELINE_ALGOS)}")
     from rlhf.algos.ppo import ADVANTAGES
 
-    runs_ppo = cfg.stage.name == "ppo" or (cfg.stage.name == "pipeline" and 3 in steps
-                                           and "ppo" in (cfg.pipeline.algo, *cfg.pipeline.compare))
+    step3 = (cfg.pipeline.algo, *cfg.pipeline.compare) if cfg.stage.name == "pipeline" and 3 in steps else ()
+    runs_ppo = cfg.stage.name == "ppo" or "ppo" in step3
+    runs_grpo = cfg.stage.name == "grpo" or "grpo" in step3  # the ppo stage with ppo.advantage=grpo
     est = ADVANTAGES.get(p.advantage)
+    critic_free = (runs_ppo and est is not None and not est.critic) or runs_grpo
     if runs_ppo and est is not None and not est.critic and p.samples_per_prompt < 2:
         errors.append(f"ppo.advantage={p.advantage} has no critic and compares the answers to one prompt: set "
                       f"ppo.samples_per_prompt >= 2 (got {p.samples_per_prompt}), e.g. 4 with "
                       "ppo.generation_batch_size divided by 4")
+    if critic_free and p.reward_baseline == "group":
+        which = p.advantage if runs_ppo and not est.critic else "grpo"
+        errors.append(f"ppo.reward_baseline=group is for ppo.advantage=gae; ppo.advantage={which} sets its own "
+                      "baseline (leave ppo.reward_baseline=none)")
+    if (runs_ppo or runs_grpo) and cfg.reward.fn:  # imported here so a typo fails before launch
+        from rlhf.rewards import load_reward_fn
+
+        try:
+            load_reward_fn(cfg.reward.fn, cfg.reward.fn_weight)
+        except ValueError as e:
+            errors.append(str(e))
+    if (runs_ppo or runs_grpo) and not p.reward_model and not cfg.reward.fn:
+        errors.append("ppo.reward_model=false leaves nothing to score answers: set reward.fn=<module>:<function> "
+                      "(e.g. rlhf.data.demo:reward) or ppo.reward_model=true")
+    if critic_free and not p.reward_model and cfg.critic.path:
+        errors.append(f"critic.path={cfg.critic.path} is not used: step 3 builds no critic with a critic-free "
+                      "estimator, and ppo.reward_model=false loads no reward model (drop critic.path)")
     if cfg.launch.timeout_s <= 0:
         errors.append(f"launch.timeout_s={cfg.launch.timeout_s}: must be > 0 (seconds a collective waits for a rank)")
     if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":

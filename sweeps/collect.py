@@ -605,7 +605,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--table", default="auto", choices=["auto", *TABLES])
     parser.add_argument("--out", default=None, help="where to write (default: the sweep dir)")
     args = parser.parse_args(argv)
-    result = collect(args.sweep_dir, args.table, args.out)
+    collect(args.sweep_dir, args.table, args.out)
     print((Path(args.out or args.sweep_dir) / "table.md").read_text())
     return 0
 

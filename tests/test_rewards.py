@@ -70,12 +70,24 @@ def test_bad_reward_fn_spec_names_the_key(spec, words):
     (["ppo.advantage=vtrace"], "ppo.advantage='vtrace'"),
     (["reward.fn=rlhf.data.demo"], "reward.fn='rlhf.data.demo'"),
 ])
-def test_step3_settings_fail_at_start_naming_the_key(overrides, words):
-    from rlhf.stages.ppo import check
-
+def test_step3_settings_fail_at_compose_naming_the_key(overrides, words):
     with pytest.raises(ValueError) as e:
-        check(compose_cfg("stage=ppo", *overrides))
+        compose_cfg("stage=ppo", *overrides)
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["stage=pipeline", "pipeline.algo=grpo", "ppo.reward_baseline=group"], "ppo.advantage=grpo sets its own baseline"),
+    (["stage=pipeline", "pipeline.compare=[grpo]", "ppo.reward_model=false", "reward.fn=null"],
+     "ppo.reward_model=false leaves nothing to score answers"),
+    (["stage=pipeline", "pipeline.algo=grpo", "ppo.reward_model=false", "critic.path=/x/rm/model"],
+     "critic.path=/x/rm/model is not used"),
+])
+def test_grpo_step3_rules_hold_for_the_stage_and_the_pipeline(overrides, words):
+    with pytest.raises(ValueError) as e:
+        compose_cfg(*overrides)
+    assert words in str(e.value)
+    compose_cfg(*[o for o in overrides if not o.startswith(("ppo.reward_baseline", "ppo.reward_model", "critic.path"))])
 
 
 def test_step3_check_returns_the_estimator_and_the_weighted_function():

@@ -99,7 +99,7 @@ def test_trained_engine_exports_bit_identical_logits(tmp_path, zero, lora):
     from rlhf.models.families import get_family
     from rlhf.models.load import load_causal_lm, load_tokenizer, resolve_path, save_hf
     from rlhf.models.lora import apply_lora, lora_param_groups
-    from rlhf.stages.common import optim_spec
+    from rlhf.stages.build import optim_spec
 
     cfg = compose_cfg("stage=sft", f"zero={zero}", f"lora={lora}", *QUICK)
     init_distributed(cfg.hardware)

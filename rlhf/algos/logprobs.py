@@ -7,6 +7,8 @@ hold inf or NaN (they are selected away with ``torch.where`` before any arithmet
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 Tensor = torch.Tensor
@@ -93,3 +95,8 @@ def answer_mask(attention_mask: Tensor, prompt_len: Tensor) -> Tensor:
     start = attention_mask.long().argmax(dim=1) + prompt_len.long()  # first answer position per row
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
     return attention_mask * (positions >= start.unsqueeze(1)).to(attention_mask.dtype)
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean token NLL), capped at exp(50) so a diverged run reports a number, not inf."""
+    return math.exp(min(mean_nll, 50.0))

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from rlhf.config import ModelConfig
-from rlhf.models.families import (AUTO, Family, derive_family, family_for_config, get_family, read_config,
-                                  with_lora_targets)
+from rlhf.models.families import AUTO, Family, derive_family, family_for_config, get_family, read_config
 
 log = logging.getLogger(__name__)
 

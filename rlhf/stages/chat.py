@@ -60,7 +60,7 @@ def run(cfg, run_dir=None, stdin: TextIO | None = None, stdout: TextIO | None = 
     from rlhf.engine.setup import device_for
     from rlhf.models.build import load_trainable
     from rlhf.models.load import config_key, load_tokenizer, resolve_family, resolve_path
-    from rlhf.stages.common import generate
+    from rlhf.models.generate import generate
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     # 1. model

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from rlhf.algos.logprobs import answer_mask, sequence_logprobs
 from rlhf.data.collate import PairCollator
 from rlhf.engine.setup import all_gather_cat
-from rlhf.stages import common
+from rlhf.eval.rules import heldout_rule_rates
+from rlhf.stages import build, common
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 1. start
     ctx = common.start(cfg, "dpo", run_dir)
     # 2. data (step 2's share: the pairs the reward model would have used), a row index per pair
-    path = common.model_path(ctx, sec.init_from, model_cfg=actor)
-    tokenizer = common.load_tokenizer(ctx, path, model_cfg=actor)
+    path = build.model_path(ctx, sec.init_from, model_cfg=actor)
+    tokenizer = build.load_tokenizer(ctx, path, model_cfg=actor)
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
     data_stats: dict = {}
     train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed), data_stats)
@@ -153,13 +154,13 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     n_steps = total_steps(len(loader_of(datasets["train"])), spec)
     # 3. policy, engine and the reference
     mode = reference_mode(sec, cfg.lora)
-    model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
+    model = build.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
                                gradient_checkpointing=sec.gradient_checkpointing, model_cfg=actor)
     if mode == "adapters-disabled":
         AdaptersDisabled.freeze_base(model, cfg.lora.only_optimize_lora)
-    engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
+    engine, n_params, n_trainable = build.train_engine(ctx, model, sec, n_steps)
     if mode == "copy":
-        ref_model = common.load_policy(ctx, path, disable_dropout=True, gradient_checkpointing=False, lora=False,
+        ref_model = build.load_policy(ctx, path, disable_dropout=True, gradient_checkpointing=False, lora=False,
                                        model_cfg=actor)
         reference = FrozenCopy(build_eval_engine(ref_model, cfg.zero, cfg.hardware, ctx.world, stage=cfg.zero.stage,
                                                  offload=cfg.zero.offload_param, micro_batch_size=sec.micro_batch_size),
@@ -199,15 +200,15 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 4. train (a resumed run restores the engine here, after the reference was taken from the start)
     ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial": initial})
     if meta is None:
-        initial = {**evaluate(), **common.heldout_rule_rates(ctx, engine.module, tokenizer)}
+        initial = {**evaluate(), **heldout_rule_rates(engine.module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)}
         ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items() if v is not None}, step=0)
     else:
         initial = meta["extra"]["initial"]
     engine.train()  # from_pretrained returns eval mode: without this, dropout (if kept) never acts
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save, score, summarise
-    model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
-    rules = common.heldout_rule_rates(ctx, engine.module, tokenizer)
+    model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
+    rules = heldout_rule_rates(engine.module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)
     return common.finish(ctx, {
         "stage": "dpo", "model_dir": str(model_dir), "reference": reference.name, "reference_params": reference.params,
         "loss": metrics["loss"], "acc": metrics["accuracy"], "chosen_reward": metrics["chosen_reward"],

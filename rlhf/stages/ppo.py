@@ -33,7 +33,8 @@ from rlhf.algos.logprobs import masked_whiten
 from rlhf.algos.masks import rollout_masks
 from rlhf.engine.rlhf_engine import RLHFEngine, critic_values, policy_logprobs, reward_scores
 from rlhf.engine.trainer import Stopwatch
-from rlhf.stages import common
+from rlhf.eval.rules import heldout_rule_rates, uses_demo
+from rlhf.stages import build, common
 
 log = logging.getLogger(__name__)
 
@@ -191,22 +192,11 @@ def _restore(meta, trainer: PPOTrainer, m: RLHFEngine):
 
 
 def check(cfg):
-    """Validate the step-3 settings before anything starts; -> (estimator, reward function or None)."""
+    """The step-3 estimator and reward function or None (every step-3 rule is
+    rlhf.config.validate's, checked before launch)."""
     from rlhf.rewards import load_reward_fn
 
-    c = cfg.ppo
-    est = P.get_estimator(c.advantage)
-    # the single-key rules, the batch-size arithmetic and the critic-free estimators' two answers per
-    # prompt are rlhf.config.validate's (checked before launch)
-    if c.reward_baseline == "group" and not est.critic:
-        raise ValueError(f"ppo.reward_baseline=group is for ppo.advantage=gae; ppo.advantage={c.advantage} "
-                         "sets its own baseline (leave ppo.reward_baseline=none)")
-    if not c.reward_model and not cfg.reward.fn:
-        raise ValueError("ppo.reward_model=false leaves nothing to score answers: set reward.fn=<module>:<function> "
-                         "(e.g. rlhf.data.demo:reward) or ppo.reward_model=true")
-    if not c.reward_model and not est.critic and cfg.critic.path:
-        raise ValueError(f"critic.path={cfg.critic.path} is not used: ppo.advantage={c.advantage} builds no critic "
-                         "and ppo.reward_model=false loads no reward model (drop critic.path)")
+    est = P.get_estimator(cfg.ppo.advantage)
     return est, (load_reward_fn(cfg.reward.fn, cfg.reward.fn_weight) if cfg.reward.fn else None)
 
 
@@ -338,7 +328,7 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
     # 1. start; which checkpoints
     ctx = common.start(cfg, stage, run_dir)
     actor_path, critic_path = _model_dirs(cfg, ctx, est.critic or c.reward_model)
-    tokenizer = common.load_tokenizer(ctx, actor_path, model_cfg=cfg.actor)
+    tokenizer = build.load_tokenizer(ctx, actor_path, model_cfg=cfg.actor)
     # 2. data: prompts (left padded) and optional PTX text
     loader, prompts, pstats, unsup, n_iters = _data(cfg, ctx, tokenizer)
     rows = c.generation_batch_size * c.samples_per_prompt  # answers per rollout
@@ -349,14 +339,14 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
                           world=ctx.world, total_steps=updates, dtype=ctx.dtype, device=ctx.device,
                           with_critic=est.critic, with_reward=c.reward_model)
     verify = None
-    if common.uses_demo(ctx):
+    if uses_demo(ctx.cfg.data):
         from rlhf.data.demo import verify
     trainer = PPOTrainer(m, c, ctx.device, verify, reward_fn)
 
     def heldout(step: int) -> Dict[str, float | None]:
         module = m.hybrid.to_generation()
         try:
-            rules = common.heldout_rule_rates(ctx, module, tokenizer)
+            rules = heldout_rule_rates(module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)
         finally:
             m.hybrid.to_training()
         if rules["rule_rate"] is not None:
@@ -377,10 +367,10 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
     # 5. score, save, summarise
     rule_end = heldout(loop["step"])
     m.hybrid.release()
-    actor_dir = common.export_hf(ctx, m.actor.module, tokenizer, ctx.run_dir / "model")
+    actor_dir = build.export_hf(ctx, m.actor.module, tokenizer, ctx.run_dir / "model")
     critic_dir = None
     if m.critic is not None:
-        critic_dir = common.export_hf(ctx, m.critic.module, tokenizer, ctx.run_dir / "critic", save=save_reward_model)
+        critic_dir = build.export_hf(ctx, m.critic.module, tokenizer, ctx.run_dir / "critic", save=save_reward_model)
     ema_dir = None
     if m.ema is not None:
         ema_dir = ctx.run_dir / "ema"

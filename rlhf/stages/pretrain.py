@@ -13,13 +13,14 @@ Steps:
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
 
-from rlhf.stages import common
+from rlhf.algos.logprobs import perplexity
+from rlhf.eval.rules import uses_demo
+from rlhf.stages import build, common
 
 
 def corpus_path(ctx: common.Context) -> str:
@@ -31,7 +32,7 @@ def corpus_path(ctx: common.Context) -> str:
         return str(sec.data)
     if ctx.cfg.data.unsupervised:
         return str(ctx.cfg.data.unsupervised)
-    if not common.uses_demo(ctx):
+    if not uses_demo(ctx.cfg.data):
         raise ValueError("stage=pretrain needs text: set pretrain.data=<.txt|.jsonl|dir|hub id> (or data.unsupervised)")
     size = int(ctx.cfg.data.demo_size)
     return str(make_demo(default_root(ctx.cache_dir, size), size=size, seed=int(ctx.cfg.seed))["pretrain"])
@@ -45,17 +46,17 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 1. start
     ctx = common.start(cfg, "pretrain", run_dir)
     # 2. data
-    path = common.model_path(ctx, sec.init_from)
-    tokenizer = common.load_tokenizer(ctx, path)
+    path = build.model_path(ctx, sec.init_from)
+    tokenizer = build.load_tokenizer(ctx, path)
     source = corpus_path(ctx)
     train_docs, eval_docs = split_documents(load_documents(source, sec.text_field), sec.eval_share, int(cfg.seed))
     train_ds, train_stats = pack(train_docs, tokenizer, sec.block_size)
     eval_ds, eval_stats = pack(eval_docs, tokenizer, min(sec.block_size, _eval_block(eval_docs, tokenizer, sec.block_size)))
-    loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "pretrain", train_ds, eval_ds, PackedCollator())
+    loader, eval_loader, spec, n_steps = build.loaders(ctx, sec, "pretrain", train_ds, eval_ds, PackedCollator())
     # 3. model and engine
-    model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
+    model = build.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
                                gradient_checkpointing=sec.gradient_checkpointing)
-    engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
+    engine, n_params, n_trainable = build.train_engine(ctx, model, sec, n_steps)
 
     def step_fn(batch):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
@@ -74,7 +75,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
             dist.all_reduce(nll)
         engine.train(was)
         mean = float(nll[0] / max(nll[1], 1))
-        return {"loss": mean, "ppl": common.perplexity(mean)}
+        return {"loss": mean, "ppl": perplexity(mean)}
 
     # 4. train
     ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial_ppl": initial["ppl"]})
@@ -85,7 +86,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         initial = {"ppl": meta["extra"]["initial_ppl"]}
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save and summarise
-    model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
+    model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
     return common.finish(ctx, {
         "stage": "pretrain", "model_dir": str(model_dir), "data": source,
         "eval_ppl": metrics["ppl"], "eval_loss": metrics["loss"], "eval_ppl_initial": initial["ppl"],

@@ -18,7 +18,7 @@ from typing import Any, Dict
 
 import torch
 
-from rlhf.stages import common
+from rlhf.stages import build, common
 
 
 def pair_scores(model, batch, loss_mode: str):
@@ -55,8 +55,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 1. start
     ctx = common.start(cfg, "rm", run_dir)
     # 2. data
-    path = common.model_path(ctx, sec.init_from)
-    tokenizer = common.load_tokenizer(ctx, path)
+    path = build.model_path(ctx, sec.init_from)
+    tokenizer = build.load_tokenizer(ctx, path)
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
     data_stats: dict = {}
     train_rows, eval_rows = build_step_data(cfg.data, 2, ctx.cache_dir, int(cfg.seed), data_stats)
@@ -67,11 +67,11 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # prompt positions (the divergent loss compares them token by token), and in a causal model
     # padding after the last real token cannot change the score read there.
     collate = PairCollator(tokenizer.pad_token_id, "right")
-    loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "rm", train_ds, eval_ds, collate, rows_per_sample=2)
+    loader, eval_loader, spec, n_steps = build.loaders(ctx, sec, "rm", train_ds, eval_ds, collate, rows_per_sample=2)
     # 3. model and engine
     model = load_trainable(cfg.model, path, kind="reward", dtype=ctx.dtype, disable_dropout=sec.disable_dropout,
                            gradient_checkpointing=sec.gradient_checkpointing, lora=cfg.lora)
-    engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
+    engine, n_params, n_trainable = build.train_engine(ctx, model, sec, n_steps)
 
     def step_fn(batch):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
@@ -102,7 +102,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         initial = {"acc": meta["extra"]["initial_acc"]}
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save and summarise
-    model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model", save=save_reward_model)
+    model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model", save=save_reward_model)
     return common.finish(ctx, {
         "stage": "rm", "model_dir": str(model_dir),
         "acc": metrics["acc"], "chosen_mean": metrics["chosen_mean"], "rejected_mean": metrics["rejected_mean"],

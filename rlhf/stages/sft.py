@@ -18,7 +18,9 @@ from typing import Any, Dict
 import torch
 import torch.distributed as dist
 
-from rlhf.stages import common
+from rlhf.algos.logprobs import perplexity
+from rlhf.eval.rules import heldout_rule_rates
+from rlhf.stages import build, common
 
 
 def run(cfg, run_dir=None) -> Dict[str, Any]:
@@ -31,8 +33,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 1. start
     ctx = common.start(cfg, "sft", run_dir)
     # 2. data
-    path = common.model_path(ctx, sec.init_from)
-    tokenizer = common.load_tokenizer(ctx, path)
+    path = build.model_path(ctx, sec.init_from)
+    tokenizer = build.load_tokenizer(ctx, path)
     data_cache = cfg.data.cache_dir or str(ctx.cache_dir / "data")
     data_stats: Dict[str, int] = {}
     train_rows, eval_rows = build_step_data(cfg.data, 1, ctx.cache_dir, int(cfg.seed), data_stats)
@@ -41,11 +43,11 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     eval_ds, _ = tokenize_sft(eval_rows, tokenizer, sec.max_seq_len, sec.mask_prompt, data_cache,
                               reload=cfg.data.reload)
     collate = SFTCollator(tokenizer.pad_token_id, tokenizer.padding_side)
-    loader, eval_loader, spec, n_steps = common.loaders(ctx, sec, "sft", train_ds, eval_ds, collate)
+    loader, eval_loader, spec, n_steps = build.loaders(ctx, sec, "sft", train_ds, eval_ds, collate)
     # 3. model and engine
-    model = common.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
+    model = build.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
                                gradient_checkpointing=sec.gradient_checkpointing)
-    engine, n_params, n_trainable = common.train_engine(ctx, model, sec, n_steps)
+    engine, n_params, n_trainable = build.train_engine(ctx, model, sec, n_steps)
 
     def step_fn(batch):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
@@ -66,9 +68,9 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
             dist.all_reduce(nll)
         engine.train(was)
         mean = float(nll[0] / max(nll[1], 1))
-        return {"loss": mean, "ppl": common.perplexity(mean)}
+        return {"loss": mean, "ppl": perplexity(mean)}
 
-    shard = common.shard_fraction(engine.module)
+    shard = build.shard_fraction(engine.module)
     # 4. train
     ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial_ppl": initial["ppl"]})
     if meta is None:
@@ -78,8 +80,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         initial = {"ppl": meta["extra"]["initial_ppl"]}
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save, score, summarise
-    model_dir = common.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
-    rules = common.heldout_rule_rates(ctx, engine.module, tokenizer)
+    model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
+    rules = heldout_rule_rates(engine.module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)
     return common.finish(ctx, {
         "stage": "sft", "model_dir": str(model_dir),
         "eval_ppl": metrics["ppl"], "eval_loss": metrics["loss"], "eval_ppl_initial": initial["ppl"],

@@ -1,0 +1,117 @@
+"""What a stage builds, the same way in every stage: its model path and family, tokenizer,
+trainable model, loaders, DeepSpeed engine, and the exported HF directory.
+
+Each helper reads the run's :class:`~rlhf.stages.common.Context` and passes plain values on to
+``rlhf.models`` and ``rlhf.engine``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+from rlhf.engine.setup import OptimSpec, barrier, gathered
+from rlhf.models.families import Family
+from rlhf.stages.common import Context
+
+
+def model_path(ctx: Context, init_from: Optional[str], model_cfg=None) -> str:
+    """The checkpoint a stage starts from: ``<stage>.init_from`` if set, else the path of
+    ``model_cfg`` (default ``cfg.model``; DPO passes ``cfg.actor``)."""
+    from rlhf.models.load import resolve_path
+
+    if init_from:
+        p = Path(init_from)
+        if not p.exists():
+            raise FileNotFoundError(f"init_from={init_from}: no such directory")
+        return str(p)
+    return resolve_path(model_cfg or ctx.cfg.model, ctx.cache_dir)
+
+
+def family(ctx: Context, path: str, model_cfg=None) -> Family:
+    """The family of the checkpoint at ``path`` (from its config.json; see ``resolve_family``)."""
+    from rlhf.models.load import resolve_family
+
+    return resolve_family(model_cfg or ctx.cfg.model, path)
+
+
+def load_tokenizer(ctx: Context, path: str, model_cfg=None):
+    from rlhf.models.load import config_key
+    from rlhf.models.load import load_tokenizer as _load
+
+    model_cfg = model_cfg or ctx.cfg.model
+    return _load(path, family(ctx, path, model_cfg), trust_remote_code=model_cfg.trust_remote_code,
+                 key=config_key(model_cfg))
+
+
+def load_policy(ctx: Context, path: str, *, disable_dropout: bool, gradient_checkpointing: bool,
+                lora: bool = True, model_cfg=None):
+    """A causal LM ready to train (``rlhf.models.build.load_trainable``) with the run's dtype and
+    ``lora.*``. ``model_cfg`` defaults to ``cfg.model`` (DPO passes ``cfg.actor``)."""
+    from rlhf.models.build import load_trainable
+
+    return load_trainable(model_cfg or ctx.cfg.model, path, dtype=ctx.dtype, disable_dropout=disable_dropout,
+                          gradient_checkpointing=gradient_checkpointing, lora=ctx.cfg.lora if lora else None)
+
+
+def optim_spec(section, total_steps: int, world: int) -> OptimSpec:
+    return OptimSpec(lr=section.lr, weight_decay=section.weight_decay, betas=list(section.betas),
+                     eps=section.eps, scheduler=section.scheduler, warmup_steps=section.warmup_steps,
+                     total_steps=total_steps, micro_batch_size=section.micro_batch_size,
+                     grad_accum=section.grad_accum, grad_clip=section.grad_clip)
+
+
+def param_groups(ctx: Context, model, lr: float, weight_decay: float) -> List[dict]:
+    from rlhf.models.lora import lora_param_groups
+
+    return lora_param_groups(model, ctx.cfg.lora, lr, weight_decay)
+
+
+def loaders(ctx: Context, section, name: str, train_ds, eval_ds, collate, rows_per_sample: int = 1):
+    """Seeded distributed loaders for a stage's train/eval data, the loop spec and its step count.
+    ``rows_per_sample``: 2 for preference pairs, so samples/s counts pairs (the field's convention)."""
+    from rlhf.engine.trainer import LoopSpec, make_loader, total_steps
+
+    seed = int(ctx.cfg.seed)
+    loader = make_loader(train_ds, section.micro_batch_size, collate, ctx.rank, ctx.world, seed)
+    eval_loader = make_loader(eval_ds, section.eval_batch_size, collate, ctx.rank, ctx.world, seed, shuffle=False)
+    spec = LoopSpec(section.epochs, section.max_steps, section.eval_every, section.log_every,
+                    section.skip_nonfinite, section.grad_accum, rows_per_sample)
+    return loader, eval_loader, spec, total_steps(len(loader), spec, name)
+
+
+def train_engine(ctx: Context, model, section, n_steps: int):
+    """DeepSpeed training engine for a stage's model with its section's optimiser settings.
+    Returns (engine, total params, trainable params)."""
+    from rlhf.engine.setup import build_train_engine
+    from rlhf.models.load import count_params
+
+    n_params, n_trainable = count_params(model)
+    groups = param_groups(ctx, model, section.lr, section.weight_decay)
+    engine = build_train_engine(model, groups, optim_spec(section, n_steps, ctx.world), ctx.cfg.zero,
+                                ctx.cfg.hardware, ctx.world)
+    return engine, n_params, n_trainable
+
+
+def export_hf(ctx: Context, module, tokenizer, out_dir: Path, save=None) -> Path:
+    """Save the full model (LoRA merged, ZeRO-3 gathered) as an HF directory on rank 0.
+
+    ``save(module, tokenizer, out_dir)`` defaults to ``save_hf`` (causal LMs); reward models pass
+    ``save_reward_model``.
+    """
+    from rlhf.models.load import save_hf
+
+    with gathered(module.parameters()):
+        if ctx.is_main:
+            (save or save_hf)(module, tokenizer, out_dir)
+    barrier()
+    return out_dir
+
+
+def shard_fraction(module) -> float:
+    """Share of the model's parameter elements this rank holds (1.0 unless ZeRO-3 partitions)."""
+    local = total = 0
+    for p in module.parameters():
+        full = getattr(p, "ds_numel", None) or p.numel()
+        total += full
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else full
+    return local / max(total, 1)
