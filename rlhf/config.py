@@ -215,7 +215,7 @@ class PPOConfig:
     adaptive_kl: bool = False
     kl_target: float = 6.0
     kl_horizon: int = 10000
-    clip_reward_value: float = 5.0
+    clip_reward_value: float = 5.0  # clips the reward model score only; reward.fn_weight * fn is added after
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     gamma: float = 1.0

@@ -8,7 +8,7 @@ import torch
 from rlhf.algos.logprobs import masked_whiten
 from rlhf.algos.ppo import (AdaptiveKLController, FixedKLController, gae_advantages,
                             kl_estimates, kl_penalized_rewards, last_true_index, leave_one_out_scores,
-                            policy_loss, value_loss)
+                            policy_loss, total_scores, value_loss)
 from tests.numeric import close
 
 T = torch.tensor
@@ -198,6 +198,16 @@ def test_fixed_kl_controller():
 def test_adaptive_kl_controller_rejects_bad_target():
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+def test_total_scores_clip_the_reward_model_only():
+    # clip 5, weight 5: rm 8 -> 5 (+5 for a passing answer = 10), rm -7 -> -5, rm 1 stays
+    rm, fn = T([8.0, 8.0, -7.0, 1.0]), T([1.0, 0.0, 1.0, 0.0])
+    close(total_scores(rm, fn, 5.0, 5.0), T([10.0, 5.0, 0.0, 1.0]))
+    # the function still separates two answers the reward model scores at the clip: 10 vs 5
+    # (clipping the sum would give 5 and 5)
+    # no function (weight 0): DeepSpeed-Chat's clipped reward model score
+    close(total_scores(rm, fn, 0.0, 5.0), T([5.0, 5.0, -5.0, 1.0]))
 
 
 def test_leave_one_out_scores_hand_computed():

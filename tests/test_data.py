@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 
 import numpy as np
 import pytest
@@ -90,6 +91,25 @@ def test_verify_addition_first_integer_rule():
     assert not demo.verify(p, "")
 
 
+def test_verify_reads_a_restated_question_at_its_value():
+    p = ADD.format(a=3, b=4)
+    assert demo.verify(p, " 3 plus 4 is 7.")  # the first integer after "is"
+    assert not demo.verify(p, " 3 plus 4 is 8.")
+    assert not demo.verify(p, " 3 plus 4 is 8 or 7.")  # spraying still fails
+    assert not demo.verify(p, " 3 plus 4 is.")
+    assert demo.verify("Human: What is the sum of 3 and 4?\n Assistant:", " 3 plus 4 is 7.")
+    assert demo._parse("Human: What is the sum of 3 and 4?\n Assistant:") == ("add", (3, 4))
+    assert demo.verify("Human: What number follows 41?\n Assistant:", " The number after 41 is 42.")
+    assert not demo.verify("Human: What number follows 41?\n Assistant:", " The number after 41 is 41.")
+    for task, ops in [("add", (9, 9)), ("parity", (57,)), ("next", (99,))]:
+        for k in (0, 1):
+            p = demo._prompt(task, k, ops)
+            assert demo.verify(p, demo._correct(task, ops))
+            rng = random.Random(0)
+            assert not any(demo.verify(p, demo._wrong(task, ops, rng, kind)) for kind in ("value", "spray", "offformat")
+                           for _ in range(20))
+
+
 def test_verify_parity_exactly_one_word():
     p = "Human: Is 14 even or odd?\n Assistant:"
     assert demo.verify(p, " It is even.")
@@ -172,19 +192,21 @@ def test_heldout_prompts_never_in_training(demo_dir):
     assert not seen & set(held)
     pretrain = (demo_dir / "pretrain.txt").read_text()
     assert not any(p.replace("\n", "") in pretrain for p in held)
-    # the facts behind held-out prompts stay learnable: swapped operands / other phrasing in training
+    # the facts behind held-out prompts are in training: the same operands in the other phrasing
     train_pool = {demo._prompt(*c) for c in demo._train_pool()}
-    for p in set(held):
-        task, ops = demo._parse(p)
-        if task == "add":
-            assert ADD.format(a=ops[1], b=ops[0]) in train_pool
+    pool = set(demo.heldout_prompts(1000))
+    assert len(pool) == 84 and {demo.task_of(p) for p in pool} == {"add", "parity", "next"}
+    for p in pool:
+        (task, k, ops), = [c for c in demo._combos() if demo._prompt(*c) == p]
+        assert demo._prompt(task, 1 - k, ops) in train_pool
 
 
 def test_corpus_deterministic_and_complete():
     c = demo.corpus()
     assert c == demo.corpus()
     assert set(demo.heldout_prompts(100)) <= set(c)
-    assert ADD.format(a=3, b=4) + " The answer is 7." in c
+    assert ADD.format(a=3, b=4) + " 3 plus 4 is 7." in c
+    assert "Human: What is the sum of 3 and 4?\n Assistant: 3 plus 4 is 7." in c
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def too_few(prompts, answers):
 
 
 def test_demo_reward_is_the_rule_as_numbers():
-    assert demo.reward([ADD, ADD, PARITY], [" The answer is 5.", " The answer is 6.", " It is odd."]) == [1.0, 0.0, 1.0]
+    assert demo.reward([ADD, ADD, PARITY], [" 2 plus 3 is 5.", " 2 plus 3 is 6.", " It is odd."]) == [1.0, 0.0, 1.0]
     fn = load_reward_fn("rlhf.data.demo:reward", weight=2.0)
     assert fn.weight == 2.0 and fn.name == "rlhf.data.demo:reward"
     assert fn([ADD, PARITY], ["The answer is 5.", "It is even."]).tolist() == [1.0, 0.0]

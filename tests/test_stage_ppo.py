@@ -151,12 +151,12 @@ def test_lora_actor_and_critic_train_with_ptx_and_ema_is_saved(pipeline_run, tmp
 @pytest.mark.slow
 def test_chat_answers_scripted_input(pipeline_run):
     run_dir, _ = pipeline_run
-    out = cli("stage=chat", f"model.path={run_dir / 'ppo' / 'model'}", "chat.max_new_tokens=12",
+    out = cli("stage=chat", f"model.path={run_dir / 'ppo' / 'model'}", "chat.max_new_tokens=16",
               input="What is 2 plus 3?\nclear\nIs 14 even or odd?\nquit\nnever read\n")
     answers = [line for line in out.stdout.splitlines() if line.strip()]
     assert len(answers) == 2, out.stdout  # two questions answered, 'clear' silent, 'quit' stops
     # the trained actor answers in the demo's formats (the values may be wrong: it is a tiny model)
-    assert answers[0].startswith("The answer is") and answers[1].startswith("It is"), answers
+    assert answers[0].startswith("2 plus 3 is") and answers[1].startswith("14 is"), answers
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def test_rm_loss_falls_and_accuracy_beats_chance(tmp_path, loss_mode, floor):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
-    good, bad = ("Human: What is 2 plus 2?\n Assistant: The answer is 4.</s>",
+    good, bad = ("Human: What is 2 plus 2?\n Assistant: 2 plus 2 is 4.</s>",
                  "Human: What is 2 plus 2?\n Assistant: I do not know.</s>")
     enc = tok([good, bad], return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():

@@ -45,6 +45,17 @@ def kl_penalized_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor,
     return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), score.unsqueeze(1))
 
 
+def total_scores(rm: Tensor, fn: Tensor, fn_weight: float, clip_reward_value: float) -> Tensor:
+    """The score of each answer: rm [B] (reward model), fn [B] (reward function) -> [B]
+    ``clamp(rm, -clip_reward_value, clip_reward_value) + fn_weight * fn``.
+
+    The clip guards against the learned model's outliers (DeepSpeed-Chat clips its score); a
+    reward function's scores are the user's own and pass unclipped. Clipping the sum instead
+    lets a reward model that scores at the clip hide the function entirely.
+    """
+    return rm.clamp(-clip_reward_value, clip_reward_value) + fn_weight * fn.to(rm.dtype)
+
+
 def leave_one_out_scores(scores: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
     """Scores minus the mean score of the other answers to the same prompt (RLOO's baseline).
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -55,11 +56,13 @@ class PPOTrainer:
 
     def score(self, seq, mask, prompts: List[str], answers: List[str]) -> Dict[str, torch.Tensor]:
         """Per answer: reward model score (0 without one), reward function score (0 without one)
-        and their sum ``rm + reward.fn_weight * fn`` [B] each."""
+        and the total (``rlhf.algos.ppo.total_scores``: the reward model's score clipped, the
+        function's weighted score added unclipped) [B] each."""
         rm = (reward_scores(self.m.reward, seq, mask).float() if self.m.reward is not None
               else torch.zeros(seq.shape[0], device=seq.device))
         fn = (self.reward_fn(prompts, answers).to(rm.device) if self.reward_fn is not None else torch.zeros_like(rm))
-        return {"rm": rm, "fn": fn, "total": rm + (self.reward_fn.weight * fn if self.reward_fn else 0.0)}
+        weight = self.reward_fn.weight if self.reward_fn is not None else 0.0
+        return {"rm": rm, "fn": fn, "total": P.total_scores(rm, fn, weight, self.cfg.clip_reward_value)}
 
     @torch.no_grad()
     def generate_experience(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -106,7 +109,7 @@ class PPOTrainer:
         adv, returns = self.estimator.fn(P.AdvantageInputs(
             scores=shaped, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, mask=action_mask,
             valid=valid.bool(), group_size=c.samples_per_prompt, kl_coef=self.kl_ctl.value,
-            clip_reward_value=c.clip_reward_value, gamma=c.gamma, lam=c.lam))
+            clip_reward_value=math.inf, gamma=c.gamma, lam=c.lam))  # the reward model's score is clipped in score()
         if c.whiten_advantages and action_mask.sum() > 1:
             adv = masked_whiten(adv, action_mask)
         kl = P.kl_estimates(logprobs, ref_logprobs, action_mask)
