@@ -176,6 +176,8 @@ def test_demo_sft_mixed_quality(demo_dir):
     assert 0.35 <= share <= 0.55  # _SFT_MIX: 45% right
     refusals = sum(" " + r["answer"] == demo.REFUSAL for r in rows) / len(rows)
     assert 0.22 <= refusals <= 0.38  # 30% refuse: the single likeliest wrong answer
+    sums = sum(demo.task_of(r["prompt"]) == "add" for r in rows) / len(rows)
+    assert 0.4 <= sums <= 0.6  # TASK_WEIGHTS: half the rows are sums
     lines = (demo_dir / "pretrain.txt").read_text().splitlines()
     assert len(lines) >= 300 and all(line.strip() for line in lines)
 
