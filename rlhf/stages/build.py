@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
 from rlhf.engine.setup import OptimSpec, barrier, gathered
 from rlhf.models.families import Family
 from rlhf.stages.common import Context
@@ -115,3 +117,41 @@ def shard_fraction(module) -> float:
         total += full
         local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else full
     return local / max(total, 1)
+
+
+def fit_lm(ctx: Context, engine, loader, eval_loader, spec):
+    """Train a causal LM on (input_ids, attention_mask, labels) batches with ``fit`` (SFT and
+    incremental pre-training): the step is the model's own loss; eval is the token-weighted
+    held-out NLL (labels -100 excluded) and its perplexity; the perplexity before training is
+    measured once and kept across a resume. Returns (fit's metrics, the initial eval)."""
+    import torch.distributed as dist
+
+    from rlhf.algos.logprobs import perplexity
+    from rlhf.engine.trainer import fit
+    from rlhf.stages.common import checkpointing
+
+    def step_fn(batch):
+        return engine(**{k: v.to(ctx.device) for k, v in batch.items()}).loss, {}
+
+    @torch.no_grad()
+    def evaluate():
+        was = engine.module.training
+        engine.eval()
+        nll = torch.zeros(2, dtype=torch.float64)
+        for batch in eval_loader:
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            nll += torch.tensor([float(engine(**batch).loss) * n, n], dtype=torch.float64)
+        if dist.is_initialized() and ctx.world > 1:
+            dist.all_reduce(nll)
+        engine.train(was)
+        mean = float(nll[0] / max(nll[1], 1))
+        return {"loss": mean, "ppl": perplexity(mean)}
+
+    ckpt, meta = checkpointing(ctx, {"model": engine}, lambda: {"initial_ppl": initial["ppl"]})
+    if meta is None:
+        initial = evaluate()
+        ctx.tracker.log({"eval/ppl_initial": initial["ppl"]}, step=0)
+    else:
+        initial = {"ppl": meta["extra"]["initial_ppl"]}
+    return fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"]), initial

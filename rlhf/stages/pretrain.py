@@ -15,10 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-import torch
-import torch.distributed as dist
-
-from rlhf.algos.logprobs import perplexity
 from rlhf.eval.rules import uses_demo
 from rlhf.stages import build, common
 
@@ -40,7 +36,6 @@ def corpus_path(ctx: common.Context) -> str:
 
 def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.text import PackedCollator, load_documents, pack, split_documents
-    from rlhf.engine.trainer import fit
 
     sec = cfg.pretrain
     # 1. start
@@ -58,33 +53,8 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
                                gradient_checkpointing=sec.gradient_checkpointing)
     engine, n_params, n_trainable = build.train_engine(ctx, model, sec, n_steps)
 
-    def step_fn(batch):
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        return engine(**batch).loss, {}
-
-    @torch.no_grad()
-    def evaluate() -> Dict[str, float]:
-        was = engine.module.training
-        engine.eval()
-        nll = torch.zeros(2, dtype=torch.float64)
-        for batch in eval_loader:
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            n = batch["labels"][:, 1:].numel()
-            nll += torch.tensor([float(engine(**batch).loss) * n, n], dtype=torch.float64)
-        if dist.is_initialized() and ctx.world > 1:
-            dist.all_reduce(nll)
-        engine.train(was)
-        mean = float(nll[0] / max(nll[1], 1))
-        return {"loss": mean, "ppl": perplexity(mean)}
-
     # 4. train
-    ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial_ppl": initial["ppl"]})
-    if meta is None:
-        initial = evaluate()
-        ctx.tracker.log({"eval/ppl_initial": initial["ppl"]}, step=0)
-    else:
-        initial = {"ppl": meta["extra"]["initial_ppl"]}
-    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
+    metrics, initial = build.fit_lm(ctx, engine, loader, eval_loader, spec)
     # 5. save and summarise
     model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
     return common.finish(ctx, {

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-import torch
-import torch.distributed as dist
-
-from rlhf.algos.logprobs import perplexity
 from rlhf.eval.rules import heldout_rule_rates
 from rlhf.stages import build, common
 
@@ -27,7 +23,6 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     from rlhf.data.blend import build_step_data
     from rlhf.data.collate import SFTCollator
     from rlhf.data.tokenize import tokenize_sft
-    from rlhf.engine.trainer import fit
 
     sec = cfg.sft
     # 1. start
@@ -48,37 +43,9 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     model = build.load_policy(ctx, path, disable_dropout=sec.disable_dropout,
                                gradient_checkpointing=sec.gradient_checkpointing)
     engine, n_params, n_trainable = build.train_engine(ctx, model, sec, n_steps)
-
-    def step_fn(batch):
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, {}
-
-    @torch.no_grad()
-    def evaluate() -> Dict[str, float]:
-        was = engine.module.training
-        engine.eval()
-        nll = torch.zeros(2, dtype=torch.float64)
-        for batch in eval_loader:
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            nll += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
-        if dist.is_initialized() and ctx.world > 1:
-            dist.all_reduce(nll)
-        engine.train(was)
-        mean = float(nll[0] / max(nll[1], 1))
-        return {"loss": mean, "ppl": perplexity(mean)}
-
     shard = build.shard_fraction(engine.module)
     # 4. train
-    ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial_ppl": initial["ppl"]})
-    if meta is None:
-        initial = evaluate()
-        ctx.tracker.log({"eval/ppl_initial": initial["ppl"]}, step=0)
-    else:
-        initial = {"ppl": meta["extra"]["initial_ppl"]}
-    metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
+    metrics, initial = build.fit_lm(ctx, engine, loader, eval_loader, spec)
     # 5. save, score, summarise
     model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
     rules = heldout_rule_rates(engine.module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)
