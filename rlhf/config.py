@@ -587,13 +587,14 @@ def _rules(cfg) -> List[str]:
     runs_ppo = cfg.stage.name == "ppo" or "ppo" in step3
     runs_grpo = cfg.stage.name == "grpo" or "grpo" in step3  # the ppo stage with ppo.advantage=grpo
     est = ADVANTAGES.get(p.advantage)
-    critic_free = (runs_ppo and est is not None and not est.critic) or runs_grpo
-    if runs_ppo and est is not None and not est.critic and p.samples_per_prompt < 2:
+    ppo_critic_free = runs_ppo and est is not None and not est.critic
+    critic_free = ppo_critic_free or runs_grpo
+    if ppo_critic_free and p.samples_per_prompt < 2:
         errors.append(f"ppo.advantage={p.advantage} has no critic and compares the answers to one prompt: set "
                       f"ppo.samples_per_prompt >= 2 (got {p.samples_per_prompt}), e.g. 4 with "
                       "ppo.generation_batch_size divided by 4")
     if critic_free and p.reward_baseline == "group":
-        which = p.advantage if runs_ppo and not est.critic else "grpo"
+        which = p.advantage if ppo_critic_free else "grpo"
         errors.append(f"ppo.reward_baseline=group is for ppo.advantage=gae; ppo.advantage={which} sets its own "
                       "baseline (leave ppo.reward_baseline=none)")
     if (runs_ppo or runs_grpo) and cfg.reward.fn:  # imported here so a typo fails before launch
