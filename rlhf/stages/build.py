@@ -1,8 +1,9 @@
-"""What a stage builds, the same way in every stage: its model path and family, tokenizer,
-trainable model, loaders, DeepSpeed engine, and the exported HF directory.
+"""What every stage builds and measures the same way: its model path and family, tokenizer,
+trainable model, loaders, DeepSpeed engine, the causal-LM fit (SFT, pre-training), the exported HF
+directory and the demo's held-out rule rates.
 
 Each helper reads the run's :class:`~rlhf.stages.common.Context` and passes plain values on to
-``rlhf.models`` and ``rlhf.engine``.
+``rlhf.models``, ``rlhf.engine`` and ``rlhf.eval``.
 """
 from __future__ import annotations
 
@@ -155,3 +156,10 @@ def fit_lm(ctx: Context, engine, loader, eval_loader, spec):
     else:
         initial = {"ppl": meta["extra"]["initial_ppl"]}
     return fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"]), initial
+
+
+def heldout_rates(ctx: Context, module, tokenizer):
+    """The demo rule on held-out prompts for the model being trained (``rlhf.eval.rules``)."""
+    from rlhf.eval.rules import heldout_rule_rates
+
+    return heldout_rule_rates(module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)

@@ -30,7 +30,6 @@ import torch.distributed as dist
 from rlhf.algos.logprobs import answer_mask, sequence_logprobs
 from rlhf.data.collate import PairCollator
 from rlhf.engine.setup import all_gather_cat
-from rlhf.eval.rules import heldout_rule_rates
 from rlhf.stages import build, common
 
 log = logging.getLogger(__name__)
@@ -200,7 +199,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 4. train (a resumed run restores the engine here, after the reference was taken from the start)
     ckpt, meta = common.checkpointing(ctx, {"model": engine}, lambda: {"initial": initial})
     if meta is None:
-        initial = {**evaluate(), **heldout_rule_rates(engine.module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)}
+        initial = {**evaluate(), **build.heldout_rates(ctx, engine.module, tokenizer)}
         ctx.tracker.log({f"eval/{k}_initial": v for k, v in initial.items() if v is not None}, step=0)
     else:
         initial = meta["extra"]["initial"]
@@ -208,7 +207,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. save, score, summarise
     model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
-    rules = heldout_rule_rates(engine.module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)
+    rules = build.heldout_rates(ctx, engine.module, tokenizer)
     return common.finish(ctx, {
         "stage": "dpo", "model_dir": str(model_dir), "reference": reference.name, "reference_params": reference.params,
         "loss": metrics["loss"], "acc": metrics["accuracy"], "chosen_reward": metrics["chosen_reward"],

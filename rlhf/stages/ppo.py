@@ -34,7 +34,7 @@ from rlhf.algos.logprobs import masked_whiten
 from rlhf.algos.masks import rollout_masks
 from rlhf.engine.rlhf_engine import RLHFEngine, critic_values, policy_logprobs, reward_scores
 from rlhf.engine.trainer import Stopwatch
-from rlhf.eval.rules import heldout_rule_rates, uses_demo
+from rlhf.eval.rules import uses_demo
 from rlhf.stages import build, common
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
     def heldout(step: int) -> Dict[str, float | None]:
         module = m.hybrid.to_generation()
         try:
-            rules = heldout_rule_rates(module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)
+            rules = build.heldout_rates(ctx, module, tokenizer)
         finally:
             m.hybrid.to_training()
         if rules["rule_rate"] is not None:

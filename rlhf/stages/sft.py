@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from rlhf.eval.rules import heldout_rule_rates
 from rlhf.stages import build, common
 
 
@@ -48,7 +47,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     metrics, initial = build.fit_lm(ctx, engine, loader, eval_loader, spec)
     # 5. save, score, summarise
     model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
-    rules = heldout_rule_rates(engine.module, tokenizer, ctx.cfg.data, seed=int(ctx.cfg.seed), device=ctx.device)
+    rules = build.heldout_rates(ctx, engine.module, tokenizer)
     return common.finish(ctx, {
         "stage": "sft", "model_dir": str(model_dir),
         "eval_ppl": metrics["ppl"], "eval_loss": metrics["loss"], "eval_ppl_initial": initial["ppl"],
