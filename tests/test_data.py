@@ -173,9 +173,9 @@ def test_demo_pairs_chosen_pass_rejected_fail(demo_dir):
 def test_demo_sft_mixed_quality(demo_dir):
     rows = demo.read_rows(demo_dir / "sft" / "train.json")
     share = demo.rule_rate([r["prompt"] for r in rows], [" " + r["answer"] for r in rows])
-    assert 0.4 <= share <= 0.6  # _SFT_MIX: 50% right
+    assert 0.35 <= share <= 0.55  # _SFT_MIX: 45% right
     refusals = sum(" " + r["answer"] == demo.REFUSAL for r in rows) / len(rows)
-    assert 0.27 <= refusals <= 0.43  # 35% refuse: the single likeliest wrong answer
+    assert 0.22 <= refusals <= 0.38  # 30% refuse: the single likeliest wrong answer
     sums = sum(demo.task_of(r["prompt"]) == "add" for r in rows) / len(rows)
     assert 0.4 <= sums <= 0.6  # TASK_WEIGHTS: half the rows are sums
     lines = (demo_dir / "pretrain.txt").read_text().splitlines()

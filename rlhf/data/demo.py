@@ -30,7 +30,7 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
-_VERSION = 6  # bump when the generated files change: invalidates make_demo's idempotency check
+_VERSION = 5  # bump when the generated files change: invalidates make_demo's idempotency check
 
 ADD_RANGE = range(10)
 NUM_RANGE = range(100)
@@ -271,9 +271,8 @@ def _pairs(n: int, rng: random.Random, pool_by_task: dict) -> list[dict]:
 # Step-1 answer mix: right answers are the most common single answer, so SFT learns the facts,
 # but a third of the answers refuse (one fixed sentence): where the model is unsure of a value,
 # refusing is its likeliest answer, and steps 2-3 have a habit to correct that a reward model
-# can learn from a few hundred pairs. Wrong values are few: at 15% SFT put enough mass on sums
-# off by one that step 3 flipped a few right held-out sums to them.
-_SFT_MIX = {"right": 50, "refuse": 35, "value": 5, "spray": 10}
+# can learn from a few hundred pairs.
+_SFT_MIX = {"right": 45, "refuse": 30, "value": 15, "spray": 10}
 REFUSAL = " I do not know."
 
 
@@ -336,7 +335,7 @@ def make_demo(out_dir: str | Path, *, size: int = 2000, seed: int = 1234) -> dic
       DeepSpeed-Chat local/jsonfile lists of {"prompt","chosen","rejected"}; chosen passes
       :func:`verify`, rejected fails it (wrong value, sprayed numbers/both parities, off-format).
     - ``sft/train.json``, ``sft/eval.json``: {"prompt","answer"} of mixed quality (``_SFT_MIX``):
-      50% right, 35% the refusal ``REFUSAL``, the rest sprays and wrong values.
+      45% right, 30% the refusal ``REFUSAL``, the rest wrong values and sprays.
     - ``pretrain.txt``: plain-text lines (facts and one-line conversations), ``size`` lines.
 
     As in local/jsonfile, answers are stored without a leading space; the loaders join prompt
