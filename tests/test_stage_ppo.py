@@ -40,28 +40,29 @@ def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
         assert (run_dir / step / "model" / "config.json").exists()
     assert "| sft | eval_ppl |" in stdout and "| ppo | reward_mean |" in stdout
     rm = summary["steps"]["rm"]
-    assert rm["acc"] >= 0.85, rm  # observed 0.975 here; 0.881-0.944 over the robustness grid (160 eval pairs)
+    assert rm["acc"] >= 0.85, rm  # 0.894-0.975 over the robustness grid (160 eval pairs)
     AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "model")  # transformers alone
 
 
 @pytest.mark.slow
 def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
-    """Observed (seed 1234, the profile's one thread): SFT greedy 0.781 / sampled 0.445 on the 64
-    held-out prompts; after 100 PPO iterations with the RM + 5 x the demo rule (the tiny preset)
-    greedy 0.766, sampled 0.688 (4 answers per prompt). Over the robustness grid (seeds 1-3 x one and
-    two threads, the README) greedy changed by -0.063 to +0.031 and sampled by +0.086 to +0.234: the
-    bounds below hold for every run with a margin; the greedy bound catches a faster actor (lr 3e-4
-    broke greedy sums, 0.80 -> 0.63, on the earlier preset)."""
+    """100 PPO iterations with the RM + 5 x the demo rule (the tiny preset) from the default
+    pipeline's SFT model (seed 1234, the profile's one thread). Over the robustness grid (seeds 1-3
+    x one and two threads, the README) PPO changed the greedy rate by -0.031 to +0.031 and the
+    sampled rate by +0.262 to +0.391 on the 64 held-out prompts: the sampled bound is the issue's bar
+    (+0.15) with a wide margin; the greedy bound sits below the grid's minimum (a run flips one to
+    three held-out sums either way) and catches what broke greedy answers before: the reward model's
+    score at the clip hiding the rule (parity 1.0 -> 0.68), a faster actor (lr 3e-4: sums 0.80 -> 0.63)."""
     run_dir, _ = pipeline_run
     ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
     sft = json.loads((run_dir / "sft" / "summary.json").read_text())
     # the PPO stage scores the SFT actor itself before training: the same numbers as step 1's
     assert ppo["rule_rate_start"] == pytest.approx(sft["rule_rate"])
     assert ppo["rule_rate_sampled_start"] == pytest.approx(sft["rule_rate_sampled"])
-    # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: +0.05 = 13)
-    assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.05, ppo
-    # ... without trading the greedy answers away for reward
-    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.08, ppo
+    # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: 39 more pass)
+    assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.15, ppo
+    # ... without trading the greedy answers away for reward (at most 4 of the 64 prompts lost)
+    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.07, ppo
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["train/reward"] for r in rows if "train/reward" in r]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
@@ -75,9 +76,8 @@ def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
 def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
     """pipeline.compare=[dpo]: DPO starts from the pipeline's SFT model, and the pipeline summary
     holds each algorithm's held-out rates before and after (what sweep=robustness tabulates).
-    Observed (seed 1234): PPO greedy 0.781 -> 0.766, sampled 0.445 -> 0.688; DPO 0.781 -> 0.781,
-    0.445 -> 0.754. Over the robustness grid (six runs) DPO's sampled gain was +0.148 to +0.320 and
-    its greedy change 0 to +0.109; the bounds leave room for another machine's numerics."""
+    Over the robustness grid (six runs) DPO's sampled gain was +0.324 to +0.457 and its greedy change
+    -0.047 to +0.047; the bounds (PPO's) leave room for another machine's numerics."""
     run_dir, _ = pipeline_run
     summary = json.loads((run_dir / "summary.json").read_text())
     sft = summary["steps"]["sft"]
@@ -87,8 +87,8 @@ def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
         assert (r["rule_rate_sft"], r["rule_rate_sampled_sft"]) == (sft["rule_rate"], sft["rule_rate_sampled"])
         assert r["rule_rate_final"] == summary["steps"][algo]["rule_rate"]
     dpo = summary["by_algo"]["dpo"]
-    assert dpo["rule_rate_sampled_final"] >= dpo["rule_rate_sampled_sft"] + 0.10, dpo
-    assert dpo["rule_rate_final"] >= dpo["rule_rate_sft"] - 0.05, dpo
+    assert dpo["rule_rate_sampled_final"] >= dpo["rule_rate_sampled_sft"] + 0.15, dpo
+    assert dpo["rule_rate_final"] >= dpo["rule_rate_sft"] - 0.07, dpo
 
 
 @pytest.mark.slow
@@ -194,8 +194,8 @@ def test_grpo_pipeline_step_builds_no_critic(pipeline_run, tmp_path):
 @pytest.mark.slow
 def test_reward_function_alone_trains_without_reward_model(pipeline_run, tmp_path):
     """reward.fn=rlhf.data.demo:reward (the task rule) and no reward model: RLOO over 4 answers per
-    prompt, no critic. Observed (seed 1234, 30 iterations): greedy 0.797 -> 0.797, sampled 0.336 -> 0.422;
-    over 100 iterations (seeds 1, 2) greedy +0.031 / -0.047, sampled +0.176 / +0.074."""
+    prompt, no critic. Over 100 iterations from the seed-1 grid run's SFT model: greedy +0.016,
+    sampled +0.277; here 30 iterations."""
     run_dir, _ = pipeline_run
     cli("stage=ppo", f"actor.path={run_dir / 'sft' / 'model'}", "ppo.reward_model=false",
         "reward.fn=rlhf.data.demo:reward", "ppo.advantage=rloo", "ppo.samples_per_prompt=4",
