@@ -64,10 +64,10 @@ def critic_dir(cache: Path) -> Path:
     """A 64 x 2 OPT sharing the policy's tokenizer (random weights, seed SEED), built once."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    out = Path(cache) / "bench" / "opt-64x2"
+    src = policy_dir(cache)
+    out = Path(cache) / "bench" / f"opt-64x2-{src.name}"  # keyed on the policy (its tokenizer's vocabulary)
     if (out / "config.json").is_file():
         return out
-    src = policy_dir(cache)
     config = AutoConfig.from_pretrained(src)
     for k, v in CRITIC_ARCH.items():
         setattr(config, k, v)

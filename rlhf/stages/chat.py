@@ -113,6 +113,6 @@ def run(cfg, run_dir=None, stdin: TextIO | None = None, stdout: TextIO | None = 
                               top_p=float(c.top_p))[0]
         history.append((user, answer))
         turns += 1
-        text = answer.replace("\n", " ").strip()
+        text = " ".join(answer.splitlines()).strip()  # one line, also for \r, \x1d, \u2028 ... in the answer
         print(f"Assistant: {text}" if interactive else text, file=stdout, flush=True)
     return {"stage": "chat", "turns": turns, "dropped_turns": dropped_total}
