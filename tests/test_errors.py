@@ -38,6 +38,18 @@ def test_step3_without_the_earlier_steps_output(tmp_path):
         pipeline.plan(cfg, tmp_path)
 
 
+def test_step3_without_a_reward_model_needs_no_step2_model(tmp_path):
+    """GRPO scored by reward.fn alone loads neither a critic nor a reward model: the pipeline does not
+    ask for the step-2 model (with the reward model on, it does)."""
+    sft_dir = tmp_path / "sft-model"
+    sft_dir.mkdir()
+    free = ("stage=pipeline", *QUICK, "pipeline.steps=[3]", "pipeline.algo=grpo", f"actor.path={sft_dir}")
+    (_, sub), = pipeline.plan(compose_cfg(*free, "ppo.reward_model=false", run_dir=tmp_path), tmp_path)
+    assert sub.actor.path == str(sft_dir) and sub.critic.path is None
+    with pytest.raises(FileNotFoundError, match="needs the rm step's model.*critic.path"):
+        pipeline.plan(compose_cfg(*free, run_dir=tmp_path), tmp_path)
+
+
 @pytest.mark.parametrize("overrides, match", [
     (("lora=r8", "lora.target_modules=[query_key_value]"), "query_key_value"),  # a LoRA target that does not exist
     (("sft.grad_accum=100000",), "sft.grad_accum=100000"),  # accumulation larger than an epoch
