@@ -99,6 +99,9 @@ def test_verify_reads_a_restated_question_at_its_value():
     assert not demo.verify(p, " 3 plus 4 is.")
     assert demo.verify("Human: What is the sum of 3 and 4?\n Assistant:", " 3 plus 4 is 7.")
     assert demo._parse("Human: What is the sum of 3 and 4?\n Assistant:") == ("add", (3, 4))
+    third = "Human: What do you get when you add 3 and 4?\n Assistant:"
+    assert demo._parse(third) == ("add", (3, 4)) and demo.verify(third, " 3 plus 4 is 7.")
+    assert not demo.verify(third, " 3 plus 4 is 8.")
     assert demo.verify("Human: What number follows 41?\n Assistant:", " The number after 41 is 42.")
     assert not demo.verify("Human: What number follows 41?\n Assistant:", " The number after 41 is 41.")
     for task, ops in [("add", (9, 9)), ("parity", (57,)), ("next", (99,))]:
@@ -194,13 +197,14 @@ def test_heldout_prompts_never_in_training(demo_dir):
     assert not seen & set(held)
     pretrain = (demo_dir / "pretrain.txt").read_text()
     assert not any(p.replace("\n", "") in pretrain for p in held)
-    # the facts behind held-out prompts are in training: the same operands in the other phrasing
+    # the facts behind held-out prompts are in training: the same operands in every other phrasing
     train_pool = {demo._prompt(*c) for c in demo._train_pool()}
     pool = set(demo.heldout_prompts(1000))
     assert len(pool) == 84 and {demo.task_of(p) for p in pool} == {"add", "parity", "next"}
     for p in pool:
         (task, k, ops), = [c for c in demo._combos() if demo._prompt(*c) == p]
-        assert demo._prompt(task, 1 - k, ops) in train_pool
+        others = [j for j in range(len(demo._TEMPLATES[task])) if j != k]
+        assert others and all(demo._prompt(task, j, ops) in train_pool for j in others)
 
 
 def test_corpus_deterministic_and_complete():
