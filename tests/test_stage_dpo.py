@@ -13,7 +13,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from tests.conftest import compose_cfg
 

@@ -17,11 +17,12 @@ QUICK = ("logger=none", "logger.progress=false", "data.demo_size=400", "data.hel
 
 @pytest.mark.slow  # a 3-epoch learning run per loss (~25 s each): full suite only, keeps test-fast under 3 minutes
 @pytest.mark.parametrize("loss_mode,floor", [
-    ("divergent", 0.8),  # the default ranking loss
-    ("last", 0.65),
+    ("divergent", 0.7),  # the default ranking loss
+    ("last", 0.6),
 ])
 def test_rm_loss_falls_and_accuracy_beats_chance(tmp_path, loss_mode, floor):
-    # the default 2000-pair demo, 3 epochs: observed held-out acc 0.85 (divergent), 0.72 (last)
+    # 3 epochs of the default demo's step-2 share, held-out acc (160 pairs; chance ~0.5) over seeds
+    # 1234, 1, 2, 3 at one thread and 1234, 1 at two (demo v7): divergent 0.78-0.86, last 0.69-0.84
     cfg = compose_cfg("stage=rm", "logger=none", "logger.progress=false", f"rm.loss_mode={loss_mode}",
                       "rm.epochs=3", run_dir=tmp_path)
     summary = rm.run(cfg)
