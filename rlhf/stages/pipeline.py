@@ -43,17 +43,11 @@ def _input_dir(run_dir: Path, step: str, produced: bool, given, key: str, needed
         f"or set {key}=<model dir>")
 
 
-def _needs_reward_dir(cfg, name: str) -> bool:
-    """Does step 3 as ``name`` (ppo or grpo) load the step-2 model: as its critic (an estimator
-    with a critic) or as its reward model (``ppo.reward_model``)?"""
-    from rlhf.algos.ppo import ADVANTAGES
-
-    return bool(cfg.ppo.reward_model) or (name == "ppo" and ADVANTAGES[cfg.ppo.advantage].critic)
-
-
 def plan(cfg, run_dir: Path) -> List[tuple]:
     """[(name, sub-config), ...] for the steps to run, each wired to its inputs (the algorithms
     and steps were checked by rlhf.config.validate)."""
+    from rlhf.stages.ppo import loads_step2_model
+
     steps = list(cfg.pipeline.steps)
     out = []
     for _, name in pipeline_steps(cfg.pipeline):
@@ -66,7 +60,7 @@ def plan(cfg, run_dir: Path) -> List[tuple]:
         else:
             sub.model = copy.deepcopy(cfg.actor)
             sub.actor.path = _input_dir(run_dir, "sft", 1 in steps, cfg.actor.path, "actor.path", name)
-            if name in ("ppo", "grpo") and _needs_reward_dir(cfg, name):
+            if name in ("ppo", "grpo") and loads_step2_model(cfg.ppo, "grpo" if name == "grpo" else None):
                 sub.critic.path = _input_dir(run_dir, "rm", 2 in steps, cfg.critic.path, "critic.path", name)
         out.append((name, sub))
     return out

@@ -225,6 +225,13 @@ def run_grpo(cfg, run_dir=None) -> Dict[str, Any]:
     return run(cfg, run_dir, stage="grpo")
 
 
+def loads_step2_model(ppo, advantage: str | None = None) -> bool:
+    """Does step 3 load the step-2 model (``critic.path``): as its critic (an estimator with one)
+    or as its reward model (``ppo.reward_model``)? ``advantage`` overrides ``ppo.advantage`` (the
+    grpo step sets it when it starts). The pipeline asks the same before it wires ``critic.path``."""
+    return bool(ppo.reward_model) or P.get_estimator(advantage or ppo.advantage).critic
+
+
 def _model_dirs(cfg, ctx, needs_rm_dir: bool):
     """The actor's directory (``actor.path``) and the critic/reward model's (``critic.path``, else
     the reward role's; None when neither a critic nor a reward model is built)."""
@@ -330,7 +337,7 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
     est, reward_fn = check(cfg)
     # 1. start; which checkpoints
     ctx = common.start(cfg, stage, run_dir)
-    actor_path, critic_path = _model_dirs(cfg, ctx, est.critic or c.reward_model)
+    actor_path, critic_path = _model_dirs(cfg, ctx, loads_step2_model(c))
     tokenizer = build.load_tokenizer(ctx, actor_path, model_cfg=cfg.actor)
     # 2. data: prompts (left padded) and optional PTX text
     loader, prompts, pstats, unsup, n_iters = _data(cfg, ctx, tokenizer)
