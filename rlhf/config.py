@@ -252,13 +252,35 @@ class CriticConfig:
 PIPELINE_ALGOS = ("ppo", "dpo", "grpo")  # step-3 algorithms; all but dpo score answers with a step-2 reward model
 
 
-def pipeline_steps(pipe) -> List[Tuple[int, str]]:
+def loads_step2_model(ppo, algo: str = "ppo") -> bool:
+    """Does step-3 algorithm ``algo`` (ppo | grpo | dpo) load the step-2 model (``critic.path``): as
+    its critic (an estimator with one) or as its reward model (``ppo.reward_model``)? grpo is the PPO
+    stage with ``ppo.advantage=grpo``; dpo loads none. The PPO stage, the pipeline's plan (which steps
+    run, what ``critic.path`` is wired to) and preflight all ask this one rule."""
+    if algo == "dpo":
+        return False
+    if ppo.reward_model:
+        return True
+    from rlhf.algos.ppo import ADVANTAGES
+
+    est = ADVANTAGES.get("grpo" if algo == "grpo" else str(ppo.advantage))
+    return est is None or est.critic  # an unknown estimator is validate's error, not a reason to skip step 2
+
+
+def pipeline_steps(pipe, ppo=None) -> List[Tuple[int, str]]:
     """The (step, stage) pairs a pipeline runs, in order: sft (1); rm (2) when a step-3 algorithm
-    needs a reward model; then ``pipeline.algo`` and each of ``pipeline.compare`` (3), all starting
-    from the same step-1 (and step-2) models. ``pipeline.steps`` picks among them."""
+    needs a reward model (any but dpo; with the ``ppo`` section and step 3 in this run, only one that
+    loads it: :func:`loads_step2_model`); then ``pipeline.algo`` and each of ``pipeline.compare`` (3),
+    all starting from the same step-1 (and step-2) models. ``pipeline.steps`` picks among them."""
     algos = list(dict.fromkeys([str(pipe.algo), *map(str, pipe.compare)]))
     out = [(1, "sft")] if 1 in pipe.steps else []
-    if 2 in pipe.steps and any(a != "dpo" for a in algos):
+
+    def needs_rm(a: str) -> bool:
+        if ppo is None or 3 not in pipe.steps:  # a later step 3 may load it
+            return a != "dpo"
+        return loads_step2_model(ppo, a)
+
+    if 2 in pipe.steps and any(needs_rm(a) for a in algos):
         out.append((2, "rm"))
     if 3 in pipe.steps:
         out += [(3, a) for a in algos]

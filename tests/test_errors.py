@@ -50,6 +50,19 @@ def test_step3_without_a_reward_model_needs_no_step2_model(tmp_path):
         pipeline.plan(compose_cfg(*free, run_dir=tmp_path), tmp_path)
 
 
+def test_a_pipeline_trains_no_reward_model_that_step3_would_not_load(tmp_path):
+    """The default steps [1, 2, 3] with GRPO scored by reward.fn alone: no step 2; with the reward
+    model on, or PPO's critic, or a compared PPO step, step 2 runs; without step 3 in the run, too."""
+    def names(*o):
+        return [name for name, _ in pipeline.plan(compose_cfg("stage=pipeline", *QUICK, *o, run_dir=tmp_path), tmp_path)]
+
+    free = ("pipeline.algo=grpo", "reward.fn=rlhf.data.demo:reward")
+    assert names(*free, "ppo.reward_model=false") == ["sft", "grpo"]
+    assert names(*free) == ["sft", "rm", "grpo"]
+    assert names(*free, "ppo.reward_model=false", "pipeline.compare=[ppo]") == ["sft", "rm", "grpo", "ppo"]  # ppo's critic
+    assert names(*free, "ppo.reward_model=false", "pipeline.steps=[1,2]") == ["sft", "rm"]
+
+
 @pytest.mark.parametrize("overrides, match", [
     (("lora=r8", "lora.target_modules=[query_key_value]"), "query_key_value"),  # a LoRA target that does not exist
     (("sft.grad_accum=100000",), "sft.grad_accum=100000"),  # accumulation larger than an epoch

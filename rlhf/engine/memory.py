@@ -562,8 +562,8 @@ def training_stages(cfg, stage: str) -> List[str]:
     algo = str(cfg.pipeline.algo)
     if stage == "plan":
         return ["sft", "rm", "grpo" if algo == "grpo" else "ppo"]
-    if stage == "pipeline":  # step 2 trains a reward model only for an algorithm that holds one (not dpo)
-        return [name for _, name in pipeline_steps(cfg.pipeline)]
+    if stage == "pipeline":  # step 2 trains a reward model only for an algorithm that loads one
+        return [name for _, name in pipeline_steps(cfg.pipeline, cfg.ppo)]
     return [stage] if stage in STAGES and STAGES[stage].step is not None else []
 
 

@@ -40,18 +40,15 @@ def accelerator_problem(hardware) -> Optional[str]:
 
 
 def _needs_trained_critic(cfg) -> bool:
+    """Does step 3 load a step-2 model that this run does not train itself?"""
+    from rlhf.config import loads_step2_model, pipeline_steps
+
     stage = cfg.stage.name
     if stage == "ppo":
-        if cfg.ppo.reward_model:
-            return True
-        from rlhf.algos.ppo import get_estimator  # critic-free with a reward function alone: no reward model loaded
-
-        return get_estimator(cfg.ppo.advantage).critic
+        return loads_step2_model(cfg.ppo)
     if stage == "pipeline":
-        from rlhf.config import pipeline_steps
-
-        names = [name for _, name in pipeline_steps(cfg.pipeline)]
-        return "rm" not in names and any(n in ("ppo", "grpo") for n in names)
+        names = [name for _, name in pipeline_steps(cfg.pipeline, cfg.ppo)]
+        return "rm" not in names and any(loads_step2_model(cfg.ppo, n) for n in names if n in ("ppo", "grpo"))
     return False
 
 

@@ -119,7 +119,7 @@ def _owned_dirs(cfg, run_dir: Path) -> List[Path]:
         return [run_dir]
     from rlhf.config import pipeline_steps
 
-    return [run_dir / name for _, name in pipeline_steps(cfg.pipeline)]
+    return [run_dir / name for _, name in pipeline_steps(cfg.pipeline, cfg.ppo)]
 
 
 def previous_run(d: Path) -> List[str]:

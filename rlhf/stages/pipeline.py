@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List
 
-from rlhf.config import pipeline_steps
+from rlhf.config import loads_step2_model, pipeline_steps
 from rlhf.stages import STAGES, get_stage
 from rlhf.tracking import atomic_write_json
 
@@ -46,11 +46,13 @@ def _input_dir(run_dir: Path, step: str, produced: bool, given, key: str, needed
 def plan(cfg, run_dir: Path) -> List[tuple]:
     """[(name, sub-config), ...] for the steps to run, each wired to its inputs (the algorithms
     and steps were checked by rlhf.config.validate)."""
-    from rlhf.stages.ppo import loads_step2_model
-
     steps = list(cfg.pipeline.steps)
+    planned = pipeline_steps(cfg.pipeline, cfg.ppo)
+    if 2 in steps and all(n != 2 for n, _ in planned):
+        log.info("pipeline: no reward model to train (step 2): step 3 (%s) loads none",
+                 ", ".join(name for n, name in planned if n == 3))
     out = []
-    for _, name in pipeline_steps(cfg.pipeline):
+    for _, name in planned:
         sub = copy.deepcopy(cfg)
         sub.stage.name = name
         if name == "sft":
@@ -60,7 +62,7 @@ def plan(cfg, run_dir: Path) -> List[tuple]:
         else:
             sub.model = copy.deepcopy(cfg.actor)
             sub.actor.path = _input_dir(run_dir, "sft", 1 in steps, cfg.actor.path, "actor.path", name)
-            if name in ("ppo", "grpo") and loads_step2_model(cfg.ppo, "grpo" if name == "grpo" else None):
+            if loads_step2_model(cfg.ppo, name):
                 sub.critic.path = _input_dir(run_dir, "rm", 2 in steps, cfg.critic.path, "critic.path", name)
         out.append((name, sub))
     return out

@@ -32,6 +32,7 @@ import torch
 from rlhf.algos import ppo as P
 from rlhf.algos.logprobs import masked_whiten
 from rlhf.algos.masks import rollout_masks
+from rlhf.config import loads_step2_model
 from rlhf.engine.rlhf_engine import RLHFEngine, critic_values, policy_logprobs, reward_scores
 from rlhf.engine.trainer import Stopwatch
 from rlhf.eval.rules import uses_demo
@@ -223,13 +224,6 @@ def run_grpo(cfg, run_dir=None) -> Dict[str, Any]:
             c.samples_per_prompt, c.generation_batch_size = GRPO_GROUP, c.generation_batch_size // GRPO_GROUP
             log.info("grpo: %d answers to each of %d prompts per rollout", GRPO_GROUP, c.generation_batch_size)
     return run(cfg, run_dir, stage="grpo")
-
-
-def loads_step2_model(ppo, advantage: str | None = None) -> bool:
-    """Does step 3 load the step-2 model (``critic.path``): as its critic (an estimator with one)
-    or as its reward model (``ppo.reward_model``)? ``advantage`` overrides ``ppo.advantage`` (the
-    grpo step sets it when it starts). The pipeline asks the same before it wires ``critic.path``."""
-    return bool(ppo.reward_model) or P.get_estimator(advantage or ppo.advantage).critic
 
 
 def _model_dirs(cfg, ctx, needs_rm_dir: bool):
