@@ -8,6 +8,9 @@ ARGS   ?=
 SWEEP  ?= zero_offload
 SIZE   ?= full
 RUNS   ?= 2
+# pytest workers: one per core, at most 4 (each test pins one torch thread; two-rank tests start two more)
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := $(PY) -m pytest -q --durations=15 -n $(TEST_JOBS) --dist loadgroup
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-fast bench sweep clean
@@ -31,10 +34,10 @@ run: $(STAMP) ## run the main job on the embedded tiny default (ARGS="key=value 
 	$(PY) run.py $(ARGS)
 
 test: $(STAMP) ## run the whole test suite
-	$(PY) -m pytest -q --durations=15 $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
-	$(PY) -m pytest -q --durations=15 -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 $(VENV)/.bench: $(STAMP)
 	# TRL without its dependencies: everything it needs is already installed (no other torch)

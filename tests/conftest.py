@@ -34,6 +34,23 @@ def shared_cache() -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n <cores> --dist loadgroup`): one worker per test file,
+    so a module fixture (a trained model, a run) is built once; the files sharing the session's
+    default pipeline run (~7 minutes) form one group, queued first so the other worker takes the rest
+    meanwhile instead of waiting for it at the end."""
+    by_file: dict[str, list] = {}
+    for item in items:
+        by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
+    pipeline_files = {f for f, its in by_file.items() if any("default_pipeline" in it.fixturenames for it in its)}
+    for f, its in by_file.items():
+        for item in its:
+            if not item.get_closest_marker("xdist_group"):
+                item.add_marker(pytest.mark.xdist_group("default_pipeline" if f in pipeline_files else f))
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda it: it.nodeid.split("::")[0] not in pipeline_files)  # stable: order kept within
+
+
 @pytest.fixture
 def compose_config():
     return compose_cfg
