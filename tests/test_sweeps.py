@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from rlhf.config import quote_numeric_choices
 from rlhf.stages import STAGES
 from sweeps.collect import collect
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, shared_cache
 
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
 SEARCHES = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
@@ -151,7 +151,9 @@ def test_collect_cli(tmp_path):
 
 
 def multirun(tmp_path: Path, *args: str, timeout: int = 600):
-    out = subprocess.run([sys.executable, "run.py", *args, *TINY, f"hydra.sweep.dir={tmp_path}"], cwd=ROOT,
+    """A real multirun; cache_dir is an absolute path, which must not nest the job directories."""
+    out = subprocess.run([sys.executable, "run.py", *args, *TINY, f"cache_dir={shared_cache()}",
+                          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]
     for name in ("table.md", "table.csv", "table.png"):
@@ -170,7 +172,7 @@ def test_zero_offload_sweep_reports_a_failing_job_and_goes_on(tmp_path):
     assert all(r["status"] == "ok" and float(r["s/sample"]) > 0 and float(r["host mem GB"]) > 0 for r in ok)
     assert all(r["status"].startswith("failed: ") and "batch_size" in r["status"] for r in failed)
     assert all(r["s/sample"] == "failed" for r in failed)
-    job = next(tmp_path.glob("*sft.micro_batch_size=0*zero='3'*"))
+    job = next(tmp_path.glob("*sft.micro_batch_size=0*zero='3'*"))  # a direct child: cache_dir is not in its name
     assert json.loads((job / "summary.json").read_text())["status"] == "failed"
     assert len((tmp_path / "table.md").read_text().splitlines()) >= 6
 

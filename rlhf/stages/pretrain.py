@@ -31,7 +31,9 @@ def corpus_path(ctx: common.Context) -> str:
     if not uses_demo(ctx.cfg.data):
         raise ValueError("stage=pretrain needs text: set pretrain.data=<.txt|.jsonl|dir|hub id> (or data.unsupervised)")
     size = int(ctx.cfg.data.demo_size)
-    return str(make_demo(default_root(ctx.cache_dir, size), size=size, seed=int(ctx.cfg.seed))["pretrain"])
+    # the demo files every stage reads (their fixed seed): one cache folder holds one version of them,
+    # so runs with other seeds sharing the cache never rewrite a folder another run is reading
+    return str(make_demo(default_root(ctx.cache_dir, size), size=size)["pretrain"])
 
 
 def run(cfg, run_dir=None) -> Dict[str, Any]:
