@@ -151,6 +151,22 @@ def test_resume_with_other_settings_is_refused_naming_them(done_run, overrides, 
                                     "sft")
 
 
+def test_a_resumed_pipeline_refuses_a_steps_changed_setting_before_writing_anything(done_run, tmp_path):
+    """A pipeline is checked step by step when it is claimed: a changed SFT setting is refused
+    before the launcher rewrites the pipeline's config.yaml, not once step 1 starts."""
+    import shutil
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(done_run, pipe / "sft")
+    (pipe / "config.yaml").write_text("the pipeline's own settings\n")
+    args = ("stage=pipeline", "pipeline.steps=[1]", "resume=auto")
+    with pytest.raises(rundir.RunDirTaken, match=r"sft[/\\]checkpoints.*sft.lr: 0.0"):
+        rundir.claim(compose_cfg(*QUICK, *args, "sft.lr=0.03", run_dir=pipe), pipe)
+    assert (pipe / "config.yaml").read_text() == "the pipeline's own settings\n"
+    assert rundir.claim(compose_cfg(*QUICK, *args, run_dir=pipe), pipe)  # the step's own settings resume
+    rundir.release(pipe)
+
+
 # ---------------------------------------------------------------- finishing
 
 

@@ -204,7 +204,28 @@ def check_resume(cfg, run_dir: Path) -> None:
             os.replace(metrics, aside)  # starting over: the new run's rows must not follow the old ones
             log.warning("resume=auto: no complete checkpoint in %s, starting over; earlier metrics moved to %s",
                         run_dir, aside)
+        _check_steps_resume(cfg, run_dir)
         return
+    _compare_settings(cfg, ckpt)
+
+
+def _check_steps_resume(cfg, run_dir: Path) -> None:
+    """A pipeline resumed with ``resume=auto``: each step it runs against its own newest checkpoint,
+    so a changed step setting is refused before anything is written (the launcher then rewrites the
+    pipeline's config.yaml), not when that step starts."""
+    if cfg.stage.name != "pipeline" or cfg.resume != "auto":
+        return
+    from rlhf.engine.checkpoint import resolve_resume
+    from rlhf.stages.pipeline import plan
+
+    for name, sub in plan(cfg, run_dir):
+        ckpt = resolve_resume("auto", run_dir / name)
+        if ckpt is not None:
+            _compare_settings(sub, ckpt)
+
+
+def _compare_settings(cfg, ckpt: Path) -> None:
+    """Refuse resuming ``ckpt`` with settings other than the ones it was written with."""
     try:
         old = json.loads((ckpt / "meta.json").read_text()).get("config")
     except (OSError, ValueError):

@@ -47,12 +47,8 @@ def plan(cfg, run_dir: Path) -> List[tuple]:
     """[(name, sub-config), ...] for the steps to run, each wired to its inputs (the algorithms
     and steps were checked by rlhf.config.validate)."""
     steps = list(cfg.pipeline.steps)
-    planned = pipeline_steps(cfg.pipeline, cfg.ppo)
-    if 2 in steps and all(n != 2 for n, _ in planned):
-        log.info("pipeline: no reward model to train (step 2): step 3 (%s) loads none",
-                 ", ".join(name for n, name in planned if n == 3))
     out = []
-    for _, name in planned:
+    for _, name in pipeline_steps(cfg.pipeline, cfg.ppo):
         sub = copy.deepcopy(cfg)
         sub.stage.name = name
         if name == "sft":
@@ -72,6 +68,9 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     # 1. plan
     run_dir = Path(run_dir or cfg.run_dir)
     steps = plan(cfg, run_dir)
+    if 2 in cfg.pipeline.steps and "rm" not in dict(steps):
+        log.info("pipeline: no reward model to train (step 2): step 3 (%s) loads none",
+                 ", ".join(name for name, _ in steps if STAGES[name].step == 3))
     # 2. run the steps in order
     results: Dict[str, Dict[str, Any]] = {}
     for name, sub in steps:
