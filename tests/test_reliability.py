@@ -154,8 +154,6 @@ def test_resume_with_other_settings_is_refused_naming_them(done_run, overrides, 
 def test_a_resumed_pipeline_refuses_a_steps_changed_setting_before_writing_anything(done_run, tmp_path):
     """A pipeline is checked step by step when it is claimed: a changed SFT setting is refused
     before the launcher rewrites the pipeline's config.yaml, not once step 1 starts."""
-    import shutil
-
     pipe = tmp_path / "pipe"
     shutil.copytree(done_run, pipe / "sft")
     (pipe / "config.yaml").write_text("the pipeline's own settings\n")
@@ -324,9 +322,6 @@ def _interrupt_after_first(args, env, tmp_path, metric: str):
 
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
-    import signal
-    import time
-
     from rlhf.engine.checkpoint import find_latest
     from tests.conftest import shared_cache
 
@@ -454,9 +449,6 @@ def test_ppo_with_no_iteration_to_run_refuses_to_start(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_in_ppo_writes_a_checkpoint_and_exits_with_one_line(tmp_path):
-    import signal
-    import time
-
     from rlhf.engine.checkpoint import find_latest
     from tests.conftest import shared_cache
 
