@@ -10,7 +10,7 @@ SIZE   ?= full
 RUNS   ?= 2
 # pytest workers: one per core, at most 4 (each test pins one torch thread; two-rank tests start two more)
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
-PYTEST := $(PY) -m pytest -q --durations=15 -n $(TEST_JOBS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q --durations=15 -n $(TEST_JOBS) --dist loadfile
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-fast bench sweep clean

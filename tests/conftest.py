@@ -34,21 +34,37 @@ def shared_cache() -> Path:
     return path
 
 
+# ---------------------------------------------------------------- pytest-xdist (`make test`)
+# `make test` runs `-n <cores> --dist loadfile`: one worker per test file, so a module fixture (a
+# trained model, a run) is built once. The files on the session's default pipeline run (~6 minutes)
+# are one work unit, queued first, so the other workers take the rest meanwhile.
+
+
+def _pipeline_files() -> set:
+    """Node-id paths of the test files that use the ``default_pipeline`` fixture."""
+    return {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if "default_pipeline" in p.read_text()}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs `-n <cores> --dist loadgroup`): one worker per test file,
-    so a module fixture (a trained model, a run) is built once; the files sharing the session's
-    default pipeline run (~7 minutes) form one group, queued first so the other worker takes the rest
-    meanwhile instead of waiting for it at the end."""
-    by_file: dict[str, list] = {}
-    for item in items:
-        by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
-    pipeline_files = {f for f, its in by_file.items() if any("default_pipeline" in it.fixturenames for it in its)}
-    for f, its in by_file.items():
-        for item in its:
-            if not item.get_closest_marker("xdist_group"):
-                item.add_marker(pytest.mark.xdist_group("default_pipeline" if f in pipeline_files else f))
-    if getattr(config.option, "numprocesses", None):
-        items.sort(key=lambda it: it.nodeid.split("::")[0] not in pipeline_files)  # stable: order kept within
+    if hasattr(config, "workerinput"):  # an xdist worker: the order it reports is the order units are queued
+        first = _pipeline_files()
+        items.sort(key=lambda it: it.nodeid.split("::", 1)[0] not in first)  # stable: order kept within
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class PipelineFirst(LoadFileScheduling):
+        pipeline = _pipeline_files()
+
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return "default_pipeline" if path in self.pipeline else path
+
+    config.option.loadscopereorder = False  # keep the queue in collection order: the pipeline unit first
+    return PipelineFirst(config, log)
 
 
 @pytest.fixture
