@@ -23,7 +23,7 @@ def test_last_true_index():
     assert last_true_index(mask).tolist() == [2, 3, -1]
 
 
-def test_kl_penalized_rewards_placement_and_clipping():
+def test_kl_penalized_rewards_placement():
     logprobs = T([[-1.0, -2.0, -0.5, -3.0],
                   [-0.2, -0.2, -0.2, -0.2],
                   [-1.0, -1.0, -1.0, -1.0]])
@@ -34,13 +34,13 @@ def test_kl_penalized_rewards_placement_and_clipping():
               [1, 1, 1, 1],   # answer fills the row
               [1, 1, 0, 0]])  # ends early
     scores = T([7.0, -9.0, 2.5])
-    rewards = kl_penalized_rewards(logprobs, ref, scores, mask, kl_ctl=0.1, clip_reward_value=5.0)
+    rewards = kl_penalized_rewards(logprobs, ref, scores, mask, kl_ctl=0.1)
     expected = [
-        # logp - ref = [0.5, -1, 0.5, 1]; -0.1 * that on mask; score 7 clipped to +5 at index 2
-        [0.0, -0.1 * -1.0, -0.1 * 0.5 + 5.0, 0.0],
-        # logp - ref = [0.2, 0, -0.1, 0]; score -9 clipped to -5 at index 3
-        [-0.1 * 0.2, 0.0, -0.1 * -0.1, 0.0 - 5.0],
-        # logp == ref: no KL; score 2.5 inside [-5, 5] is kept, at index 1
+        # logp - ref = [0.5, -1, 0.5, 1]; -0.1 * that on mask; score 7 at index 2 (clipping is total_scores')
+        [0.0, -0.1 * -1.0, -0.1 * 0.5 + 7.0, 0.0],
+        # logp - ref = [0.2, 0, -0.1, 0]; score -9 at index 3
+        [-0.1 * 0.2, 0.0, -0.1 * -0.1, 0.0 - 9.0],
+        # logp == ref: no KL; score 2.5 at index 1
         [0.0, 2.5, 0.0, 0.0],
     ]
     close(rewards, expected)
@@ -48,7 +48,7 @@ def test_kl_penalized_rewards_placement_and_clipping():
 
 def test_kl_penalized_rewards_empty_answer_gets_nothing():
     rewards = kl_penalized_rewards(T([[-1.0, -2.0]]), T([[-3.0, -3.0]]), T([4.0]),
-                                   T([[0, 0]]), kl_ctl=0.1, clip_reward_value=5.0)
+                                   T([[0, 0]]), kl_ctl=0.1)
     close(rewards, [[0.0, 0.0]])
 
 
@@ -244,7 +244,7 @@ def _inputs(scores, logprobs, ref, mask, group_size, kl_coef=0.1, gamma=1.0, val
     scores = T(scores)
     return AdvantageInputs(scores=scores, logprobs=T(logprobs), ref_logprobs=T(ref), values=None, mask=T(mask),
                            valid=torch.ones_like(scores, dtype=torch.bool) if valid is None else T(valid),
-                           group_size=group_size, kl_coef=kl_coef, clip_reward_value=5.0, gamma=gamma, lam=0.95)
+                           group_size=group_size, kl_coef=kl_coef, gamma=gamma, lam=0.95)
 
 
 def test_reward_to_go_discounted_and_masked():

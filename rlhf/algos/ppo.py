@@ -27,20 +27,19 @@ def last_true_index(mask: Tensor) -> Tensor:
 
 
 def kl_penalized_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor,
-                         action_mask: Tensor, kl_ctl: float, clip_reward_value: float) -> Tensor:
-    """Per-token PPO reward: KL penalty on every answer token, clipped score on the last one.
+                         action_mask: Tensor, kl_ctl: float) -> Tensor:
+    """Per-token PPO reward: KL penalty on every answer token, the score on the last one.
 
     logprobs [B, T], ref_logprobs [B, T] (actor / reference log-prob of each token), scores [B]
-    (reward model), action_mask [B, T] -> rewards [B, T]:
-    ``-kl_ctl * (logprobs - ref_logprobs)`` where action_mask is 1, 0 elsewhere, plus
-    ``clamp(score, -clip_reward_value, clip_reward_value)`` at the last position where
-    action_mask is 1 (rows with no answer token get no score).
+    (already clipped where it should be: :func:`total_scores`), action_mask [B, T] -> rewards [B, T]:
+    ``-kl_ctl * (logprobs - ref_logprobs)`` where action_mask is 1, 0 elsewhere, plus the score at
+    the last position where action_mask is 1 (rows with no answer token get no score).
     """
     keep = action_mask != 0
     kl = -kl_ctl * (logprobs - ref_logprobs)
     rewards = torch.where(keep, kl, torch.zeros_like(kl))
     last = last_true_index(action_mask)
-    score = scores.to(rewards.dtype).clamp(-clip_reward_value, clip_reward_value)
+    score = scores.to(rewards.dtype)
     score = torch.where(last >= 0, score, torch.zeros_like(score))
     return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), score.unsqueeze(1))
 
@@ -142,7 +141,7 @@ class AdvantageInputs:
 
     scores [B] (reward per answer), logprobs / ref_logprobs [B, T], values [B, T] or None (no
     critic), mask [B, T] (answer tokens), valid [B] (bool: answers kept), group_size (answers per
-    prompt, adjacent), kl_coef (KL penalty per token), clip_reward_value, gamma, lam.
+    prompt, adjacent), kl_coef (KL penalty per token), gamma, lam.
     """
 
     scores: Tensor
@@ -153,13 +152,12 @@ class AdvantageInputs:
     valid: Tensor
     group_size: int
     kl_coef: float
-    clip_reward_value: float
     gamma: float
     lam: float
 
 
 def _gae(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
-    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, x.scores, x.mask, x.kl_coef, x.clip_reward_value)
+    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, x.scores, x.mask, x.kl_coef)
     return gae_advantages(rewards, x.values, x.mask, x.gamma, x.lam)
 
 
@@ -170,13 +168,13 @@ def _grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
 
 def _rloo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
     shaped = leave_one_out_scores(x.scores, x.group_size, x.valid)
-    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, shaped, x.mask, x.kl_coef, x.clip_reward_value)
+    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, shaped, x.mask, x.kl_coef)
     returns = reward_to_go(rewards, x.mask, x.gamma)
     return returns, returns
 
 
 def _reinforce_pp(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
-    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, x.scores, x.mask, x.kl_coef, x.clip_reward_value)
+    rewards = kl_penalized_rewards(x.logprobs, x.ref_logprobs, x.scores, x.mask, x.kl_coef)
     returns = reward_to_go(rewards, x.mask, x.gamma)
     adv = masked_whiten(returns, x.mask) if (x.mask != 0).sum() > 1 else returns
     return adv, returns

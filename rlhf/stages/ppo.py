@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -110,7 +109,7 @@ class PPOTrainer:
         adv, returns = self.estimator.fn(P.AdvantageInputs(
             scores=shaped, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, mask=action_mask,
             valid=valid.bool(), group_size=c.samples_per_prompt, kl_coef=self.kl_ctl.value,
-            clip_reward_value=math.inf, gamma=c.gamma, lam=c.lam))  # the reward model's score is clipped in score()
+            gamma=c.gamma, lam=c.lam))  # the reward model's score was clipped in score()
         if c.whiten_advantages and action_mask.sum() > 1:
             adv = masked_whiten(adv, action_mask)
         kl = P.kl_estimates(logprobs, ref_logprobs, action_mask)
