@@ -168,6 +168,17 @@ def test_a_resumed_pipeline_refuses_a_steps_changed_setting_before_writing_anyth
 # ---------------------------------------------------------------- finishing
 
 
+def test_a_run_resumed_at_its_last_step_reports_no_throughput(done_run, tmp_path):
+    """Stopped after its last checkpoint, before the summary: resuming trains no step, and the
+    summary says the throughput was not measured instead of ~0 samples/s."""
+    d = tmp_path / "run"
+    shutil.copytree(done_run, d)
+    (d / "summary.json").unlink()
+    summary = sft("resume=auto", run_dir=d)
+    assert summary["steps"] == 4 and summary["samples_per_s"] is None and summary["tokens_per_s"] is None
+    assert json.loads((d / "summary.json").read_text())["samples_per_s"] is None
+
+
 def test_resume_auto_on_a_finished_run_reports_already_complete(done_run, capsys):
     files = {p: (done_run / p).read_bytes() for p in ("summary.json", "metrics.jsonl", "model/model.safetensors")}
     out = sft("resume=auto", run_dir=done_run)

@@ -238,8 +238,9 @@ def fit(
         "steps": step,
         "skipped_nonfinite": state["skipped"],
         "train_time_s": elapsed,
-        "samples_per_s": samples * world / max(elapsed, 1e-9),
-        "tokens_per_s": tokens * world / max(elapsed, 1e-9),
+        # throughput of this process's steps; None when it ran none (a run resumed at its last step)
+        "samples_per_s": samples * world / max(elapsed, 1e-9) if samples else None,
+        "tokens_per_s": tokens * world / max(elapsed, 1e-9) if samples else None,
         "final_train_loss": _last_loss(tracker),
     }
 
