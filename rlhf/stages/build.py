@@ -158,6 +158,15 @@ def fit_lm(ctx: Context, engine, loader, eval_loader, spec):
     return fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"]), initial
 
 
+LOOP_FIELDS = ("final_train_loss", "steps", "samples_per_s", "tokens_per_s", "train_time_s", "skipped_nonfinite")
+
+
+def loop_summary(metrics, n_params: int, n_trainable: int) -> dict:
+    """The summary fields every stage trained by ``rlhf.engine.trainer.fit`` reports alike: the
+    loop's (``LOOP_FIELDS`` of fit's result) and the engine's parameter counts."""
+    return {**{k: metrics[k] for k in LOOP_FIELDS}, "params": n_params, "trainable_params": n_trainable}
+
+
 def heldout_rates(ctx: Context, module, tokenizer):
     """The demo rule on held-out prompts for the model being trained (``rlhf.eval.rules``)."""
     from rlhf.eval.rules import heldout_rule_rates

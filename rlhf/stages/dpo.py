@@ -215,10 +215,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "logp_accuracy": metrics["logp_accuracy"], "logp_accuracy_initial": initial["logp_accuracy"],
         **rules, "rule_rate_initial": initial["rule_rate"],
         "rule_rate_sampled_initial": initial.get("rule_rate_sampled"),
-        "final_train_loss": metrics["final_train_loss"], "steps": metrics["steps"],
-        "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
-        "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
-        "params": n_params, "trainable_params": n_trainable, "train_pairs": len(datasets["train"]),
+        **build.loop_summary(metrics, n_params, n_trainable), "train_pairs": len(datasets["train"]),
         "dropped_pairs": train_stats.get("dropped", 0) + data_stats["bad_rows"], "bad_rows": data_stats["bad_rows"],
         "objective": rules["rule_rate_sampled"] if rules["rule_rate_sampled"] is not None else metrics["accuracy"],
     })

@@ -62,11 +62,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     return common.finish(ctx, {
         "stage": "pretrain", "model_dir": str(model_dir), "data": source,
         "eval_ppl": metrics["ppl"], "eval_loss": metrics["loss"], "eval_ppl_initial": initial["ppl"],
-        "final_train_loss": metrics["final_train_loss"],
-        "steps": metrics["steps"], "samples_per_s": metrics["samples_per_s"],
-        "tokens_per_s": metrics["tokens_per_s"], "train_time_s": metrics["train_time_s"],
-        "skipped_nonfinite": metrics["skipped_nonfinite"],
-        "params": n_params, "trainable_params": n_trainable,
+        **build.loop_summary(metrics, n_params, n_trainable),
         "block_size": sec.block_size, "train_blocks": train_stats["blocks"], "train_tokens": train_stats["tokens"],
         "train_documents": train_stats["documents"], "dropped_tail_tokens": train_stats["dropped_tokens"],
         "eval_blocks": eval_stats["blocks"], "eval_documents": eval_stats["documents"],

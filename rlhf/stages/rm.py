@@ -107,9 +107,6 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         "stage": "rm", "model_dir": str(model_dir),
         "acc": metrics["acc"], "chosen_mean": metrics["chosen_mean"], "rejected_mean": metrics["rejected_mean"],
         "margin_mean": metrics["margin_mean"], "acc_initial": initial["acc"],
-        "final_train_loss": metrics["final_train_loss"], "steps": metrics["steps"],
-        "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
-        "train_time_s": metrics["train_time_s"], "skipped_nonfinite": metrics["skipped_nonfinite"],
-        "params": n_params, "trainable_params": n_trainable, "train_pairs": len(train_ds),
+        **build.loop_summary(metrics, n_params, n_trainable), "train_pairs": len(train_ds),
         "dropped_pairs": train_stats.get("dropped", 0) + data_stats["bad_rows"], "bad_rows": data_stats["bad_rows"], "objective": metrics["acc"],
     })

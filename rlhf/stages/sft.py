@@ -51,11 +51,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     return common.finish(ctx, {
         "stage": "sft", "model_dir": str(model_dir),
         "eval_ppl": metrics["ppl"], "eval_loss": metrics["loss"], "eval_ppl_initial": initial["ppl"],
-        "final_train_loss": metrics["final_train_loss"], **rules,
-        "steps": metrics["steps"], "samples_per_s": metrics["samples_per_s"],
-        "tokens_per_s": metrics["tokens_per_s"], "train_time_s": metrics["train_time_s"],
-        "skipped_nonfinite": metrics["skipped_nonfinite"],
-        "params": n_params, "trainable_params": n_trainable, "param_shard_fraction": shard,
+        **rules, **build.loop_summary(metrics, n_params, n_trainable), "param_shard_fraction": shard,
         "train_rows": len(train_ds), "bad_rows": data_stats["bad_rows"],
         "dropped_rows": train_stats.get("dropped", 0) + data_stats["bad_rows"],
         "objective": rules["rule_rate_sampled"] if rules["rule_rate_sampled"] is not None else -metrics["ppl"],
