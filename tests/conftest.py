@@ -8,11 +8,17 @@ from pathlib import Path
 # (huggingface_hub reads this when first imported, so before anything imports it; run.py
 # subprocesses inherit it).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread per test process, as the stages pin theirs (hardware.threads): `make test` runs one worker
+# per core, and OpenMP pools larger than that (torch in-process, DeepSpeed's CPU Adam in the runs the
+# tests start) spin against each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from rlhf.config import compose, register  # noqa: E402
 
+torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 register()
