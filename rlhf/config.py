@@ -162,6 +162,7 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0  # conservative DPO (sigmoid loss only)
     sft_weight: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; TRL's rpo_alpha); 0 = plain DPO
     precompute_ref: bool = False  # reference log-probs computed once before training, no reference model kept
+    delta_scale: float = 1.0  # exported model = start + delta_scale * (trained - start); < 1 keeps more of the start
 
 
 @dataclass
@@ -226,6 +227,7 @@ class PPOConfig:
     top_p: float = 1.0
     ema: bool = False
     ema_beta: float = 0.992
+    delta_scale: float = 1.0  # exported actor = start + delta_scale * (trained - start); < 1 keeps more of the start
     unsup_coef: float = 27.8
     ptx: bool = False
     grad_clip: float = 1.0
@@ -632,6 +634,10 @@ def _rules(cfg) -> List[str]:
     if critic_free and not p.reward_model and cfg.critic.path:
         errors.append(f"critic.path={cfg.critic.path} is not used: step 3 builds no critic with a critic-free "
                       "estimator, and ppo.reward_model=false loads no reward model (drop critic.path)")
+    for key, scale in (("ppo.delta_scale", p.delta_scale), ("dpo.delta_scale", cfg.dpo.delta_scale)):
+        if scale <= 0:
+            errors.append(f"{key}={scale}: must be > 0 (1.0 exports the trained weights, 0.5 the midpoint between "
+                          "the start and the trained weights)")
     if cfg.launch.timeout_s <= 0:
         errors.append(f"launch.timeout_s={cfg.launch.timeout_s}: must be > 0 (seconds a collective waits for a rank)")
     if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":

@@ -351,13 +351,15 @@ def _algo_results(job: Job) -> List[Tuple[str, Dict[str, Any]]]:
 
 
 def robustness_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
-    """Per pipeline run and step-3 algorithm: SFT -> final rule rates (greedy, sampled) and their
-    change; per algo the median and the min of every number over its ok runs."""
+    """Per pipeline run and step-3 algorithm: SFT -> final rule rates (greedy, sampled), their
+    change, and the change of the trained model before ``ppo/dpo.delta_scale`` (the exported
+    final model is start + delta_scale x (trained - start)); per algo the median and the min of
+    every number over its ok runs."""
     import statistics
 
     header = ["algo", "seed", "threads"]
     for label, _ in ROBUSTNESS_RATES:
-        header += [f"{label} before", f"{label} after", f"{label} change"]
+        header += [f"{label} before", f"{label} after", f"{label} change", f"{label} change, trained"]
     header.append("status")
     per_algo: Dict[str, List[List[Any]]] = {}
     for job in sorted(jobs, key=lambda j: (j.get("seed", 0), j.get("hardware.threads", 0))):
@@ -365,7 +367,9 @@ def robustness_rows(jobs: Sequence[Job]) -> Tuple[List[str], List[List[Any]]]:
             row: List[Any] = [algo, job.get("seed"), job.get("hardware.threads")]
             for _, key in ROBUSTNESS_RATES:
                 before, after = res.get(f"{key}_sft"), res.get(f"{key}_final")
-                row += [before, after, after - before if before is not None and after is not None else None]
+                trained = res.get(f"{key}_trained", after)
+                row += [before, after, *(x - before if before is not None and x is not None else None
+                                         for x in (after, trained))]
             status = status_cell(job) if res or not job.ok else "not run"
             per_algo.setdefault(algo, []).append(row + [status])
     out: List[List[Any]] = []

@@ -108,6 +108,8 @@ def test_a_stage_trains_the_role_it_reads_and_refuses_one_it_would_ignore():
     ("dpo.loss=hinge2", "dpo.loss='hinge2': not a DPO loss"),
     ("ppo.reward_baseline=group", "ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2"),
     ("zero.offload_param=true", "zero.offload_param=true needs zero.stage=3"),
+    ("ppo.delta_scale=0", "ppo.delta_scale=0.0: must be > 0"),
+    ("dpo.delta_scale=-0.5", "dpo.delta_scale=-0.5: must be > 0"),
 ])
 def test_bad_values_fail_at_compose_naming_the_key(override, message):
     import time

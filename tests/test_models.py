@@ -275,6 +275,55 @@ def test_lora_train_merge_save(tiny, spec, tmp_path):
     assert torch.equal(logits(reloaded, enc), merged_logits)
 
 
+def test_scale_delta_moves_trained_weights_towards_the_start_by_hand():
+    from rlhf.models.load import scale_delta
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, 6.0]]))
+        model.bias.copy_(torch.tensor([5.0]))
+    model.bias.requires_grad_(False)  # frozen: still its start value, never read
+    start = {"weight": torch.tensor([[1.0, 2.0]])}
+    assert scale_delta(model, start.get, 0.5) == 1
+    assert model.weight.tolist() == [[2.0, 4.0]] and model.bias.tolist() == [5.0]  # 1 + 0.5 x (3 - 1), ...
+    assert scale_delta(model, start.get, 3.0) == 1  # > 1 extrapolates: 1 + 3 x (2 - 1)
+    assert model.weight.tolist() == [[4.0, 8.0]]
+    with pytest.raises(ValueError, match=r"weight: the start checkpoint does not match .*missing"):
+        scale_delta(model, {}.get, 0.5)
+    with pytest.raises(ValueError, match=r"shape \(2,\), trained \(1, 2\)"):
+        scale_delta(model, {"weight": torch.zeros(2)}.get, 0.5)
+
+
+@pytest.mark.parametrize("only_lora", [True, False])
+def test_scale_delta_on_lora_scales_the_merged_change(tiny, only_lora):
+    """peft: the merged (saved) weights become start + scale x (merged trained - start): lora_B scales
+    (the adapters' product starts at 0), trained base weights move towards their start."""
+    from rlhf.models.load import merged_state, saved_weights, scale_delta
+
+    family = get_family("opt")
+    cfg = model_cfg(tiny["tiny-opt"], "opt")
+    model = apply_lora(load_causal_lm(cfg, cfg.path), LoraConfig(rank=2, only_optimize_lora=only_lora), family)
+    torch.manual_seed(0)
+    with torch.no_grad():  # "training": every trainable tensor moves
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    start = saved_weights(cfg.path, "ppo.delta_scale")
+    trained = {k: v.clone() for k, v in merged_state(model)[1].items()}
+    n = scale_delta(model, start, 0.25)
+    assert n == sum(1 for name, p in model.named_parameters() if p.requires_grad and ".lora_A." not in name)
+    scaled = merged_state(model)[1]
+    moved = 0
+    for key, w in scaled.items():
+        w0 = start(key)
+        if w0 is None:  # tied to the embedding, which is saved once
+            assert key == "lm_head.weight"
+            continue
+        torch.testing.assert_close(w, w0 + 0.25 * (trained[key] - w0), rtol=0, atol=1e-6)
+        moved += not torch.equal(trained[key], w0)
+    assert moved >= 2 * len(family.lora_targets)  # q and v of the tiny model's 2 layers at least
+
+
 def test_lora_full_training_groups_and_rank0(tiny):
     family = get_family("opt")
     cfg = model_cfg(tiny["tiny-opt"], "opt")

@@ -141,3 +141,22 @@ def test_saved_policy_reloads_with_transformers_alone(sft_dir, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["True", "False"]
+
+
+def test_delta_scale_exports_the_start_plus_the_scaled_trained_change(sft_dir, tmp_path):
+    """dpo.delta_scale (0.5 in the tiny preset): the same training, exported at 1.0 and at 0.5. The
+    0.5 model is the midpoint of the SFT start and the 1.0 model, tensor by tensor, and its summary
+    reports the trained model's held-out rates beside its own."""
+    import torch
+    from safetensors.torch import load_file
+
+    full = run_dpo(sft_dir, tmp_path / "full", "dpo.max_steps=8", "dpo.precompute_ref=true", "dpo.delta_scale=1.0")
+    half = run_dpo(sft_dir, tmp_path / "half", "dpo.max_steps=8", "dpo.precompute_ref=true", "dpo.delta_scale=0.5")
+    w0, w1, wh = (load_file(f"{d}/model.safetensors") for d in (sft_dir, full["model_dir"], half["model_dir"]))
+    assert set(w0) == set(w1) == set(wh)
+    assert max(float((w1[k] - w0[k]).abs().max()) for k in w0) > 1e-4  # training moved the weights (8 Adam steps of ~1e-4)
+    for k in w0:
+        torch.testing.assert_close(wh[k], w0[k] + 0.5 * (w1[k] - w0[k]), rtol=0, atol=1e-6)
+    assert (full["delta_scale"], half["delta_scale"]) == (1.0, 0.5)
+    assert (full["rule_rate_trained"], full["rule_rate_sampled_trained"]) == (full["rule_rate"], full["rule_rate_sampled"])
+    assert (half["rule_rate_trained"], half["rule_rate_sampled_trained"]) == (full["rule_rate"], full["rule_rate_sampled"])

@@ -247,7 +247,8 @@ def test_collect_robustness_gives_a_row_per_compared_algo(tmp_path):
     cfg = {**job_cfg(stage_name="pipeline"), "seed": 2, "hardware": {"name": "cpu", "threads": 1},
            "pipeline": {"algo": "ppo", "compare": ["dpo"], "steps": [1, 2, 3]}}
     by_algo = {"ppo": {"rule_rate_sft": 0.5, "rule_rate_final": 0.625, "rule_rate_sampled_sft": 0.25,
-                       "rule_rate_sampled_final": 0.5},
+                       "rule_rate_sampled_final": 0.5, "rule_rate_trained": 0.4375,
+                       "rule_rate_sampled_trained": 0.75},  # before ppo.delta_scale
                "dpo": {"rule_rate_sft": 0.5, "rule_rate_final": 0.375, "rule_rate_sampled_sft": 0.25,
                        "rule_rate_sampled_final": 0.3125}}
     fake_job(tmp_path, 0, ["seed=2", "hardware.threads=1"], cfg, {"stage": "pipeline", "by_algo": by_algo})
@@ -257,3 +258,6 @@ def test_collect_robustness_gives_a_row_per_compared_algo(tmp_path):
                                                       ("ppo", "2"), ("ppo", "median"), ("ppo", "min")]
     assert (rows[0]["greedy change"], rows[0]["sampled change"]) == ("-0.125", "0.0625")
     assert (rows[3]["greedy change"], rows[3]["sampled change"]) == ("0.125", "0.25")
+    assert (rows[3]["greedy change, trained"], rows[3]["sampled change, trained"]) == ("-0.0625", "0.5")
+    # a summary without the trained rates (delta_scale 1.0 before the key existed): the trained model is the final one
+    assert (rows[0]["greedy change, trained"], rows[0]["sampled change, trained"]) == ("-0.125", "0.0625")

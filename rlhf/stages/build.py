@@ -7,6 +7,7 @@ Each helper reads the run's :class:`~rlhf.stages.common.Context` and passes plai
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,6 +16,8 @@ import torch
 from rlhf.engine.setup import OptimSpec, barrier, gathered
 from rlhf.models.families import Family
 from rlhf.stages.common import Context
+
+log = logging.getLogger(__name__)
 
 
 def model_path(ctx: Context, init_from: Optional[str], model_cfg=None) -> str:
@@ -108,6 +111,21 @@ def export_hf(ctx: Context, module, tokenizer, out_dir: Path, save=None) -> Path
             (save or save_hf)(module, tokenizer, out_dir)
     barrier()
     return out_dir
+
+
+def scale_from_start(ctx: Context, module, start_path: str, scale: float, key: str) -> None:
+    """``module`` (the trained policy) moved in place to ``start + scale * (trained - start)``, with
+    the start read from ``start_path`` (``rlhf.models.load.scale_delta``); ``key`` is the config key
+    that set ``scale``. A no-op at 1.0. Every rank computes the same weights (under ZeRO-3 inside one
+    gather, kept from rank 0). The training checkpoints keep the trained weights."""
+    if scale == 1.0:
+        return
+    from rlhf.models.load import saved_weights, scale_delta
+
+    start = saved_weights(start_path, key)
+    with gathered(module.parameters(), modifier_rank=0):
+        n = scale_delta(module, start, scale)
+    log.info("%s=%g: the model keeps %g x its trained change over %s (%d tensors)", key, scale, scale, start_path, n)
 
 
 def shard_fraction(module) -> float:

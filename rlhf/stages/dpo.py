@@ -205,15 +205,19 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
         initial = meta["extra"]["initial"]
     engine.train()  # from_pretrained returns eval mode: without this, dropout (if kept) never acts
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
-    # 5. save, score, summarise
+    # 5. the exported model (dpo.delta_scale of the trained change): save, score, summarise
+    trained = build.heldout_rates(ctx, engine.module, tokenizer) if sec.delta_scale != 1.0 else None
+    build.scale_from_start(ctx, engine.module, path, sec.delta_scale, "dpo.delta_scale")
     model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
     rules = build.heldout_rates(ctx, engine.module, tokenizer)
+    trained = trained or rules
     return common.finish(ctx, {
         "stage": "dpo", "model_dir": str(model_dir), "reference": reference.name, "reference_params": reference.params,
         "loss": metrics["loss"], "acc": metrics["accuracy"], "chosen_reward": metrics["chosen_reward"],
         "rejected_reward": metrics["rejected_reward"], "margin": metrics["margin"],
         "logp_accuracy": metrics["logp_accuracy"], "logp_accuracy_initial": initial["logp_accuracy"],
-        **rules, "rule_rate_initial": initial["rule_rate"],
+        **rules, "rule_rate_initial": initial["rule_rate"], "delta_scale": sec.delta_scale,
+        "rule_rate_trained": trained["rule_rate"], "rule_rate_sampled_trained": trained["rule_rate_sampled"],
         "rule_rate_sampled_initial": initial.get("rule_rate_sampled"),
         **build.loop_summary(metrics, n_params, n_trainable), "train_pairs": len(datasets["train"]),
         "dropped_pairs": train_stats.get("dropped", 0) + data_stats["bad_rows"], "bad_rows": data_stats["bad_rows"],

@@ -99,12 +99,15 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
 
 def _before_after(sft: Dict[str, Any], r: Dict[str, Any]) -> Dict[str, Any]:
     """A step-3 result's held-out rule rates: its start (the SFT model; the step's own start score
-    when step 1 did not run here) and its end."""
+    when step 1 did not run here), its end (the exported model) and, for greedy and sampled, the
+    trained model's before ``delta_scale`` (the same as the end at 1.0)."""
     out = {}
     for key in ("rule_rate", "rule_rate_sampled", "rule_rate_add"):
         start = r.get(f"{key}_start", r.get(f"{key}_initial"))
         out[f"{key}_sft"] = sft.get(key, start) if sft else start
         out[f"{key}_final"] = r.get(key)
+        if key != "rule_rate_add":
+            out[f"{key}_trained"] = r.get(f"{key}_trained", r.get(key))
     return out
 
 

@@ -346,14 +346,14 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
         from rlhf.data.demo import verify
     trainer = PPOTrainer(m, c, ctx.device, verify, reward_fn)
 
-    def heldout(step: int) -> Dict[str, float | None]:
+    def heldout(step: int, prefix: str = "eval/") -> Dict[str, float | None]:
         module = m.hybrid.to_generation()
         try:
             rules = build.heldout_rates(ctx, module, tokenizer)
         finally:
             m.hybrid.to_training()
         if rules["rule_rate"] is not None:
-            ctx.tracker.log({f"eval/{k}": v for k, v in rules.items()}, step=step)
+            ctx.tracker.log({f"{prefix}{k}": v for k, v in rules.items()}, step=step)
         return rules
 
     engines = {"actor": m.actor, **({"critic": m.critic} if m.critic is not None else {})}
@@ -367,8 +367,11 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
                  pos["step"], n_iters)
     split = loop["time_split"]
     log.info("%s", time_line(split))
-    # 5. score, save, summarise
+    # 5. the exported actor (ppo.delta_scale of the trained change), scored, saved, summarised
+    trained = heldout(loop["step"], prefix="eval/trained_") if c.delta_scale != 1.0 else None
+    build.scale_from_start(ctx, m.actor.module, actor_path, c.delta_scale, "ppo.delta_scale")
     rule_end = heldout(loop["step"])
+    trained = trained or rule_end
     m.hybrid.release()
     actor_dir = build.export_hf(ctx, m.actor.module, tokenizer, ctx.run_dir / "model")
     critic_dir = None
@@ -388,7 +391,8 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
         "critic_dir": str(critic_dir) if critic_dir else None,
         "ema_dir": str(ema_dir) if ema_dir else None, "steps": loop["step"],
         "rule_rate_start": rule_start["rule_rate"], "rule_rate_sampled_start": rule_start["rule_rate_sampled"],
-        **rule_end,
+        **rule_end, "delta_scale": c.delta_scale, "rule_rate_trained": trained["rule_rate"],
+        "rule_rate_sampled_trained": trained["rule_rate_sampled"],
         "reward_mean": last.get("train/reward"), "reward_fn_mean": last.get("train/reward_fn"), "kl": last.get("train/kl"),
         "actor_loss": last.get("train/actor_loss"), "critic_loss": last.get("train/critic_loss"),
         "answer_len": last.get("train/answer_len"), "generation_time_s": split["generation_s"],
