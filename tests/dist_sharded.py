@@ -81,6 +81,33 @@ def pretrained(path, hw, zero) -> dict:
     return {"sharded": sharded, "weights_equal": equal, "checked": checked, "losses": train_steps(model, zero, hw, 3)}
 
 
+def scale(path, hw, zero) -> dict:
+    """ppo/dpo.delta_scale under ZeRO-3: three steps, then the engine's module moved halfway back to
+    the checkpoint it was loaded from; every gathered weight must be start + 0.5 x (trained - start)."""
+    from safetensors.torch import load_file
+
+    from rlhf.engine.setup import full_state_dict
+    from rlhf.stages.build import scale_from_start
+
+    cfg = ModelConfig(name="tiny-opt", family="opt", path=path, init="pretrained")
+    with sharded_loading(zero, hw, dist.get_world_size()):
+        model = load_causal_lm(cfg, path)
+    train_steps(model, zero, hw, 3)
+    trained = full_state_dict(model)
+    scale_from_start(model, path, 0.5, "ppo.delta_scale")
+    scaled = full_state_dict(model)
+    local = sum(p.ds_tensor.numel() for p in model.parameters()) / sum(p.ds_numel for p in model.parameters())
+    if trained is None:  # rank 1: the partitions it holds, nothing to compare
+        return {"local_fraction": local}
+    start = {}
+    for f in Path(path).glob("*.safetensors"):
+        start.update(load_file(str(f)))
+    keys = [k for k in start if k in trained]
+    moved = max(float((trained[k] - start[k]).abs().max()) for k in keys)
+    err = max(float((scaled[k] - (start[k] + 0.5 * (trained[k] - start[k]))).abs().max()) for k in keys)
+    return {"local_fraction": local, "checked": len(keys), "moved": moved, "max_err": err}
+
+
 def zeropp(path, hw) -> dict:
     out = {}
     cfg = ModelConfig(name="tiny-opt", family="opt", path=path, init="pretrained")
@@ -107,6 +134,8 @@ def main(mode: str, out_path: str, cache: str):
         result = rss(mode == "rss-sharded", hw, zero, path)
     elif mode == "pretrained":
         result = pretrained(path, hw, zero)
+    elif mode == "scale":
+        result = scale(path, hw, zero)
     else:
         result = zeropp(path, hw)
     results = [None] * dist.get_world_size()

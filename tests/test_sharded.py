@@ -94,3 +94,15 @@ def test_zero_pp_on_two_cpu_ranks(tmp_path):
         assert r["hpz"]["ok"] and r["hpz"]["losses"][1] < r["hpz"]["losses"][0]
         for name in ("quantized_weights", "quantized_gradients", "quantized_nontrainable"):
             assert not r[name]["ok"] and "not been implemented on CPU" in r[name]["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_delta_scale_under_zero3_on_two_ranks(tmp_path):
+    """ppo/dpo.delta_scale with the parameters partitioned over two ranks: gathered once, moved (every
+    rank the same), kept from rank 0 and partitioned again. The gathered result is the start plus half
+    the trained change, weight by weight, and each rank still holds half."""
+    r0, r1 = two_ranks("scale", tmp_path)
+    assert r0["local_fraction"] == pytest.approx(0.5, abs=0.01) and r1["local_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert r0["checked"] > 10 and r0["moved"] > 1e-4, r0  # three steps moved the weights
+    assert r0["max_err"] < 1e-6, r0

@@ -113,7 +113,7 @@ def export_hf(ctx: Context, module, tokenizer, out_dir: Path, save=None) -> Path
     return out_dir
 
 
-def scale_from_start(ctx: Context, module, start_path: str, scale: float, key: str) -> None:
+def scale_from_start(module, start_path: str, scale: float, key: str) -> None:
     """``module`` (the trained policy) moved in place to ``start + scale * (trained - start)``, with
     the start read from ``start_path`` (``rlhf.models.load.scale_delta``); ``key`` is the config key
     that set ``scale``. A no-op at 1.0. Every rank computes the same weights (under ZeRO-3 inside one
