@@ -82,30 +82,33 @@ def pretrained(path, hw, zero) -> dict:
 
 
 def scale(path, hw, zero) -> dict:
-    """ppo/dpo.delta_scale under ZeRO-3: three steps, then the engine's module moved halfway back to
-    the checkpoint it was loaded from; every gathered weight must be start + 0.5 x (trained - start)."""
-    from safetensors.torch import load_file
-
+    """ppo/dpo.delta_scale on two ranks: three steps, then the engine's module moved halfway back to
+    the checkpoint it was loaded from. Under ZeRO-3 rank 0 computes inside one gather; with
+    replicated weights (ZeRO 0-2) rank 0 computes and broadcasts. Every rank reports how far its
+    weights are from start + 0.5 x (trained - start) (ZeRO-3: the gathered ones, on rank 0)."""
     from rlhf.engine.setup import full_state_dict
     from rlhf.stages.build import scale_from_start
 
     cfg = ModelConfig(name="tiny-opt", family="opt", path=path, init="pretrained")
     with sharded_loading(zero, hw, dist.get_world_size()):
         model = load_causal_lm(cfg, path)
+    z3 = all(hasattr(p, "ds_id") for p in model.parameters())
+
+    def state():
+        return full_state_dict(model) if z3 else {k: v.detach().clone() for k, v in model.state_dict().items()}
+
     train_steps(model, zero, hw, 3)
-    trained = full_state_dict(model)
-    scale_from_start(model, path, 0.5, "ppo.delta_scale")
-    scaled = full_state_dict(model)
-    local = sum(p.ds_tensor.numel() for p in model.parameters()) / sum(p.ds_numel for p in model.parameters())
-    if trained is None:  # rank 1: the partitions it holds, nothing to compare
+    trained = state()
+    scale_from_start(model, cfg, path, 0.5, "ppo.delta_scale")
+    scaled = state()
+    local = (sum(p.ds_tensor.numel() for p in model.parameters()) / sum(p.ds_numel for p in model.parameters())
+             if z3 else 1.0)
+    if trained is None:  # ZeRO-3, rank 1: the partitions it holds, nothing to compare
         return {"local_fraction": local}
-    start = {}
-    for f in Path(path).glob("*.safetensors"):
-        start.update(load_file(str(f)))
-    keys = [k for k in start if k in trained]
-    moved = max(float((trained[k] - start[k]).abs().max()) for k in keys)
-    err = max(float((scaled[k] - (start[k] + 0.5 * (trained[k] - start[k]))).abs().max()) for k in keys)
-    return {"local_fraction": local, "checked": len(keys), "moved": moved, "max_err": err}
+    start = load_causal_lm(cfg, path).state_dict()
+    moved = max(float((trained[k] - start[k]).abs().max()) for k in start)
+    err = max(float((scaled[k] - (start[k] + 0.5 * (trained[k] - start[k]))).abs().max()) for k in start)
+    return {"local_fraction": local, "checked": len(start), "moved": moved, "max_err": err}
 
 
 def zeropp(path, hw) -> dict:
@@ -134,8 +137,8 @@ def main(mode: str, out_path: str, cache: str):
         result = rss(mode == "rss-sharded", hw, zero, path)
     elif mode == "pretrained":
         result = pretrained(path, hw, zero)
-    elif mode == "scale":
-        result = scale(path, hw, zero)
+    elif mode.startswith("scale"):  # scale: ZeRO-3; scale-z2: ZeRO-2 (replicated weights)
+        result = scale(path, hw, zero if mode == "scale" else ZeroConfig(stage=2))
     else:
         result = zeropp(path, hw)
     results = [None] * dist.get_world_size()

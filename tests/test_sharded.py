@@ -98,11 +98,14 @@ def test_zero_pp_on_two_cpu_ranks(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_delta_scale_under_zero3_on_two_ranks(tmp_path):
-    """ppo/dpo.delta_scale with the parameters partitioned over two ranks: gathered once, moved (every
-    rank the same), kept from rank 0 and partitioned again. The gathered result is the start plus half
-    the trained change, weight by weight, and each rank still holds half."""
+def test_delta_scale_on_two_ranks(tmp_path):
+    """ppo/dpo.delta_scale with the weights over two ranks. ZeRO-3: gathered once, moved on rank 0,
+    kept from rank 0 and partitioned again (each rank still holds half). ZeRO-2 (replicated): moved
+    on rank 0 and broadcast, so rank 1, which computes nothing, ends with the same weights. Either
+    way every weight is the start plus half the trained change."""
     r0, r1 = two_ranks("scale", tmp_path)
     assert r0["local_fraction"] == pytest.approx(0.5, abs=0.01) and r1["local_fraction"] == pytest.approx(0.5, abs=0.01)
-    assert r0["checked"] > 10 and r0["moved"] > 1e-4, r0  # three steps moved the weights
-    assert r0["max_err"] < 1e-6, r0
+    assert r0["checked"] > 10 and r0["moved"] > 1e-4 and r0["max_err"] < 1e-6, r0
+    for r in two_ranks("scale-z2", tmp_path):
+        assert r["local_fraction"] == 1.0 and r["checked"] > 10 and r["moved"] > 1e-4, r
+        assert r["max_err"] < 1e-6, r

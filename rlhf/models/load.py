@@ -337,31 +337,12 @@ def merged_state(model) -> tuple[nn.Module, dict | None]:
     return base, state
 
 
-def saved_weights(path: str, key: str) -> Callable[[str], torch.Tensor | None]:
-    """``get(name) -> tensor | None``: the tensors of the safetensors checkpoint at ``path`` (a local
-    directory, else a hub id fetched to the HF cache), read one at a time. ``key`` names the config
-    key that asked for them in the error of a checkpoint without safetensors weights."""
-    from safetensors import safe_open
-
-    local = Path(os.path.expanduser(path))
-    if not local.is_dir():
-        from huggingface_hub import snapshot_download
-
-        local = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
-    files = sorted(local.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{key} needs the start weights, but {path} has no *.safetensors files "
-                                f"(a randomly initialised start or pickle weights): leave {key}=1.0")
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {name: h for h in handles for name in h.keys()}
-    return lambda name: where[name].get_tensor(name) if name in where else None
-
-
 @torch.no_grad()
 def scale_delta(model: nn.Module, start: Callable[[str], torch.Tensor | None], scale: float) -> int:
     """Move ``model`` in place to ``start + scale * (trained - start)``, weight by weight (WiSE-FT;
     WARP's interpolation towards the initialisation for ``scale < 1``, ExPO's extrapolation for
-    ``scale > 1``). ``start(name)`` gives a weight's value at the start (``saved_weights``).
+    ``scale > 1``). ``start(name)`` gives a weight's value at the start by its name in the plain
+    transformers model (e.g. ``dict(start_model.named_parameters()).get``).
 
     Frozen weights are still their start values and stay as they are. For a peft model the LoRA
     delta ``B @ A`` starts at 0 (``B = 0``), so ``lora_B`` is scaled and ``lora_A`` kept; trained

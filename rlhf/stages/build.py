@@ -113,19 +113,35 @@ def export_hf(ctx: Context, module, tokenizer, out_dir: Path, save=None) -> Path
     return out_dir
 
 
-def scale_from_start(module, start_path: str, scale: float, key: str) -> None:
-    """``module`` (the trained policy) moved in place to ``start + scale * (trained - start)``, with
-    the start read from ``start_path`` (``rlhf.models.load.scale_delta``); ``key`` is the config key
-    that set ``scale``. A no-op at 1.0. Every rank computes the same weights (under ZeRO-3 inside one
-    gather, kept from rank 0). The training checkpoints keep the trained weights."""
+def scale_from_start(module, model_cfg, start_path: str, scale: float, key: str) -> None:
+    """``module`` (the trained policy) moved in place to ``start + scale * (trained - start)``
+    (``rlhf.models.load.scale_delta``), the start loaded from ``start_path`` the way the stage loaded
+    it (``model_cfg``'s loader: family, key names, tied weights). ``key`` is the config key that set
+    ``scale``; a no-op at 1.0. Rank 0 alone loads the start (on the CPU) and computes: under ZeRO-3
+    inside one gather whose result is kept from rank 0, otherwise broadcast from rank 0 tensor by
+    tensor. The training checkpoints keep the trained weights."""
     if scale == 1.0:
         return
-    from rlhf.models.load import saved_weights, scale_delta
+    import torch.distributed as dist
 
-    start = saved_weights(start_path, key)
-    with gathered(module.parameters(), modifier_rank=0):
-        n = scale_delta(module, start, scale)
-    log.info("%s=%g: the model keeps %g x its trained change over %s (%d tensors)", key, scale, scale, start_path, n)
+    from rlhf.models.load import effective_init, load_causal_lm, scale_delta
+
+    if effective_init(model_cfg, start_path) == "random":
+        raise ValueError(f"{key}={scale} needs the start's weights, but {start_path} is built with random weights "
+                         f"(init=random): leave {key}=1.0")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    params = list(module.parameters())
+    with gathered(params, modifier_rank=0):
+        if rank == 0:
+            start = load_causal_lm(model_cfg, start_path, dtype=params[0].dtype, init="pretrained")
+            n = scale_delta(module, dict(start.named_parameters()).get, scale)
+            del start
+            log.info("%s=%g: the model keeps %g x its trained change over %s (%d tensors)", key, scale, scale,
+                     start_path, n)
+    if dist.is_initialized() and dist.get_world_size() > 1 and not any(hasattr(p, "ds_id") for p in params):
+        for p in params:  # replicated weights (ZeRO 0-2): every rank takes rank 0's
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
 
 
 def shard_fraction(module) -> float:

@@ -207,7 +207,7 @@ def run(cfg, run_dir=None) -> Dict[str, Any]:
     metrics = fit(engine, loader, step_fn, evaluate, spec, ctx.tracker, ckpt, meta and meta["loop"])
     # 5. the exported model (dpo.delta_scale of the trained change): save, score, summarise
     trained = build.heldout_rates(ctx, engine.module, tokenizer) if sec.delta_scale != 1.0 else None
-    build.scale_from_start(engine.module, path, sec.delta_scale, "dpo.delta_scale")
+    build.scale_from_start(engine.module, actor, path, sec.delta_scale, "dpo.delta_scale")
     model_dir = build.export_hf(ctx, engine.module, tokenizer, ctx.run_dir / "model")
     rules = build.heldout_rates(ctx, engine.module, tokenizer)
     trained = trained or rules

@@ -369,7 +369,7 @@ def run(cfg, run_dir=None, stage: str = "ppo") -> Dict[str, Any]:
     log.info("%s", time_line(split))
     # 5. the exported actor (ppo.delta_scale of the trained change), scored, saved, summarised
     trained = heldout(loop["step"], prefix="eval/trained_") if c.delta_scale != 1.0 else None
-    build.scale_from_start(m.actor.module, actor_path, c.delta_scale, "ppo.delta_scale")
+    build.scale_from_start(m.actor.module, cfg.actor, actor_path, c.delta_scale, "ppo.delta_scale")
     rule_end = heldout(loop["step"])
     trained = trained or rule_end
     m.hybrid.release()
