@@ -571,8 +571,9 @@ def collect(sweep_dir: str | Path, table: str = "auto", out_dir: str | Path | No
         notes.append("Published numbers for comparison: " + ", ".join(f"sweeps/expected/{p.name}" for p in expected))
     if name == "robustness":
         notes[0] = (f"{len(jobs)} runs, {len(jobs) - len(failed)} ok. Held-out demo rule rates: before = the SFT "
-                    "model, after = each step-3 algorithm's final model (pipeline.algo and pipeline.compare, all from "
-                    "the same SFT model of a run); greedy = one answer per prompt, "
+                    "model, after = each step-3 algorithm's exported model (pipeline.algo and pipeline.compare, all "
+                    "from the same SFT model of a run: start + ppo/dpo.delta_scale x (trained - start)); 'change, "
+                    "trained' = the trained model's change before delta_scale; greedy = one answer per prompt, "
                     "sampled = data.heldout_samples answers per prompt at temperature 1.")
     if name == "dschat_e2e":
         notes.append("Each step's hours = its epoch size x epochs / its measured samples/s; "

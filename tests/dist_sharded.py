@@ -146,6 +146,7 @@ def main(mode: str, out_path: str, cache: str):
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results, indent=2))
     dist.barrier()
+    dist.destroy_process_group()  # the process group's threads joined before the interpreter exits
 
 
 if __name__ == "__main__":

@@ -47,12 +47,14 @@ def test_pipeline_runs_every_step_and_prints_the_table(pipeline_run):
 @pytest.mark.slow
 def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
     """200 PPO iterations with the RM + 5 x the demo rule (the tiny preset) from the default
-    pipeline's SFT model (seed 1234, the profile's one thread). Over the robustness grid (seeds 1-3
-    x one and two threads, the README) PPO changed the greedy rate by -0.031 to +0.047 and the
-    sampled rate by +0.277 to +0.383 on the 64 held-out prompts: the sampled bound is the issue's bar
-    (+0.15) with a wide margin; the greedy bound sits below the grid's minimum (a run flips one to
-    three held-out sums either way) and catches what broke greedy answers before: the reward model's
-    score at the clip hiding the rule (parity 1.0 -> 0.68), a faster actor (lr 3e-4: sums 0.80 -> 0.63)."""
+    pipeline's SFT model (seed 1234, the profile's one thread), exported at the preset's
+    ppo.delta_scale=0.5. Over the robustness grid (seeds 1-3 x one and two threads, the README) the
+    exported actor changed the greedy rate by -0.016 to +0.047 and the sampled rate by +0.203 to
+    +0.250 on the 64 held-out prompts (the trained one: -0.031 to +0.047, +0.277 to +0.383). The
+    bounds are the issue's bar: +0.15 sampled, at most one greedy prompt lost. The greedy bound has
+    one prompt of margin on the grid; it catches what broke greedy answers before: the reward model's
+    score at the clip hiding the rule (parity 1.0 -> 0.68), a faster actor (lr 3e-4: sums 0.80 -> 0.63),
+    the trained actor exported as is (two sums lost in one grid run of six)."""
     run_dir, _ = pipeline_run
     ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
     sft = json.loads((run_dir / "sft" / "summary.json").read_text())
@@ -61,8 +63,11 @@ def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
     assert ppo["rule_rate_sampled_start"] == pytest.approx(sft["rule_rate_sampled"])
     # the answers PPO samples pass the rule more often than the SFT actor's (256 answers: 39 more pass)
     assert ppo["rule_rate_sampled"] >= ppo["rule_rate_sampled_start"] + 0.15, ppo
-    # ... without trading the greedy answers away for reward (at most 4 of the 64 prompts lost)
-    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.07, ppo
+    # ... without trading the greedy answers away for reward: the issue's bar, at most one of the 64 prompts lost
+    assert ppo["rule_rate"] >= ppo["rule_rate_start"] - 0.02, ppo
+    # the exported actor is the preset's midpoint (ppo.delta_scale=0.5); the trained one is scored too
+    assert ppo["delta_scale"] == 0.5 and 0.0 <= ppo["rule_rate_trained"] <= 1.0, ppo
+    assert ppo["rule_rate_sampled_trained"] >= ppo["rule_rate_sampled_start"] + 0.15, ppo
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["train/reward"] for r in rows if "train/reward" in r]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
@@ -76,8 +81,9 @@ def test_ppo_raises_the_heldout_rule_rate_with_bounded_kl(pipeline_run):
 def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
     """pipeline.compare=[dpo]: DPO starts from the pipeline's SFT model, and the pipeline summary
     holds each algorithm's held-out rates before and after (what sweep=robustness tabulates).
-    Over the robustness grid (six runs) DPO's sampled gain was +0.328 to +0.438 and its greedy change
-    -0.031 to +0.031; the bounds (PPO's) leave room for another machine's numerics."""
+    Over the robustness grid (six runs) DPO exported at the preset's dpo.delta_scale=0.5 gained
+    +0.242 to +0.348 sampled and changed greedy by -0.016 to +0.062 (trained: +0.328 to +0.438,
+    -0.031 to +0.031); the bounds are the issue's bar, as for PPO."""
     run_dir, _ = pipeline_run
     summary = json.loads((run_dir / "summary.json").read_text())
     sft = summary["steps"]["sft"]
@@ -86,9 +92,11 @@ def test_ppo_and_dpo_compared_from_the_same_sft_start(pipeline_run):
         r = summary["by_algo"][algo]
         assert (r["rule_rate_sft"], r["rule_rate_sampled_sft"]) == (sft["rule_rate"], sft["rule_rate_sampled"])
         assert r["rule_rate_final"] == summary["steps"][algo]["rule_rate"]
+        assert r["rule_rate_trained"] == summary["steps"][algo]["rule_rate_trained"]
     dpo = summary["by_algo"]["dpo"]
+    assert summary["steps"]["dpo"]["delta_scale"] == 0.5
     assert dpo["rule_rate_sampled_final"] >= dpo["rule_rate_sampled_sft"] + 0.15, dpo
-    assert dpo["rule_rate_final"] >= dpo["rule_rate_sft"] - 0.07, dpo
+    assert dpo["rule_rate_final"] >= dpo["rule_rate_sft"] - 0.02, dpo
 
 
 @pytest.mark.slow
@@ -196,7 +204,8 @@ def test_reward_function_alone_trains_without_reward_model(pipeline_run, tmp_pat
     """reward.fn=rlhf.data.demo:reward (the task rule) and no reward model: RLOO over 4 answers per
     prompt, no critic. Over the preset's 200 iterations from the seed-1 grid run's SFT model: greedy
     +0.047, sampled +0.340, held-out sums 26 -> 28 of 30 (the README). Here 30 iterations at the
-    earlier preset's actor lr 2e-4: greedy +0.016, sampled +0.109 (at the preset's 1e-4, +0.051)."""
+    earlier preset's actor lr 2e-4: greedy +0.016, sampled +0.109 (at the preset's 1e-4, +0.051), for
+    the trained actor (``*_trained``; the exported one is the preset's midpoint to the start)."""
     run_dir, _ = pipeline_run
     cli("stage=ppo", f"actor.path={run_dir / 'sft' / 'model'}", "ppo.reward_model=false",
         "reward.fn=rlhf.data.demo:reward", "ppo.advantage=rloo", "ppo.samples_per_prompt=4",
@@ -208,8 +217,8 @@ def test_reward_function_alone_trains_without_reward_model(pipeline_run, tmp_pat
     fn = [r["train/reward_fn"] for r in rows if "train/reward_fn" in r]
     assert "train/reward_rm" not in rows[-1]
     assert len(fn) == 30 and all(0.0 <= v <= 1.0 for v in fn)  # the rule's pass share of the sampled answers
-    assert summary["rule_rate_sampled"] >= summary["rule_rate_sampled_start"] + 0.05, summary
-    assert summary["rule_rate"] >= summary["rule_rate_start"] - 0.02, summary
+    assert summary["rule_rate_sampled_trained"] >= summary["rule_rate_sampled_start"] + 0.05, summary
+    assert summary["rule_rate_trained"] >= summary["rule_rate_start"] - 0.02, summary
 
 
 @pytest.mark.slow

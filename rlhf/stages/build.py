@@ -116,7 +116,8 @@ def export_hf(ctx: Context, module, tokenizer, out_dir: Path, save=None) -> Path
 def scale_from_start(module, model_cfg, start_path: str, scale: float, key: str) -> None:
     """``module`` (the trained policy) moved in place to ``start + scale * (trained - start)``
     (``rlhf.models.load.scale_delta``), the start loaded from ``start_path`` the way the stage loaded
-    it (``model_cfg``'s loader: family, key names, tied weights). ``key`` is the config key that set
+    it (``model_cfg``'s loader: family, key names, tied weights); with LoRA on a frozen base nothing is
+    loaded (the adapters start at zero). ``key`` is the config key that set
     ``scale``; a no-op at 1.0. Rank 0 alone loads the start (on the CPU) and computes: under ZeRO-3
     inside one gather whose result is kept from rank 0, otherwise broadcast from rank 0 tensor by
     tensor. The training checkpoints keep the trained weights."""
@@ -131,9 +132,12 @@ def scale_from_start(module, model_cfg, start_path: str, scale: float, key: str)
                          f"(init=random): leave {key}=1.0")
     rank = dist.get_rank() if dist.is_initialized() else 0
     params = list(module.parameters())
+    # LoRA on a frozen base: only the adapters moved, and their start (B = 0) needs no checkpoint
+    base_trained = any(p.requires_grad and ".lora_" not in name for name, p in module.named_parameters())
     with gathered(params, modifier_rank=0):
         if rank == 0:
-            start = load_causal_lm(model_cfg, start_path, dtype=params[0].dtype, init="pretrained")
+            start = (load_causal_lm(model_cfg, start_path, dtype=params[0].dtype, init="pretrained")
+                     if base_trained else torch.nn.Module())
             n = scale_delta(module, dict(start.named_parameters()).get, scale)
             del start
             log.info("%s=%g: the model keeps %g x its trained change over %s (%d tensors)", key, scale, scale,
