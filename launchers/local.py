@@ -327,7 +327,12 @@ def worker_main(config_path: str) -> Dict[str, Any]:
 
     quiet_libraries(str(cfg.hardware.accelerator))
     try:
-        return run_stage(cfg)
+        result = run_stage(cfg)
     except Exception as err:
         write_failure(Path(cfg.run_dir), err, int(os.environ.get("RANK", "0")))
         raise
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # join the process group's threads before the interpreter tears down: a
+        dist.destroy_process_group()  # rank that exits with them running can abort (SIGABRT) after a finished run
+    return result
