@@ -553,7 +553,47 @@ def resolve_models(cfg, overrides: List[str], choices: Dict[str, Any]):
             raise ValueError(f"critic.path is read by stage=ppo (and the pipeline's step 3), not by stage={stage}")
         primary = "reward" if used == ("reward",) else "actor"
         cfg.model = copy.deepcopy(cfg[primary])
+    _check_sections(cfg, keys)
     return cfg
+
+
+STAGE_SECTIONS = ("sft", "rm", "ppo", "dpo", "pretrain", "eval", "chat")
+
+
+def sections_read(cfg) -> Optional[set]:
+    """The stage sections (``sft.*``, ``ppo.*``, ...) a composed run reads; None for all of them
+    (``stage=plan`` can plan any stage). A pipeline reads the sections of the steps it runs, ``ppo``
+    whenever PPO or GRPO is one of its algorithms (``ppo.reward_model`` decides whether step 2 runs)
+    and ``eval`` with ``pipeline.eval``."""
+    stage = str(cfg.stage.name)
+    if stage == "plan":
+        return None
+    if stage != "pipeline":
+        return {"ppo" if stage == "grpo" else stage}
+    out = {"ppo" if name == "grpo" else name for _, name in pipeline_steps(cfg.pipeline, cfg.ppo)}
+    if {str(cfg.pipeline.algo), *map(str, cfg.pipeline.compare)} & {"ppo", "grpo"}:
+        out.add("ppo")
+    if cfg.pipeline.eval:
+        out.add("eval")
+    return out
+
+
+def _check_sections(cfg, keys: Dict[str, str]) -> None:
+    """A command-line key of a stage section the run never reads (``dpo.lr=1e-5`` with
+    ``stage=sft``) stops the run, naming the key that works when the stage's own section has it."""
+    from omegaconf import OmegaConf
+
+    read = sections_read(cfg)
+    if read is None:
+        return
+    for key, value in keys.items():
+        section, _, rest = key.partition(".")
+        if section not in STAGE_SECTIONS or section in read or not rest:
+            continue
+        works = [f"{s}.{rest}" for s in sorted(read) if OmegaConf.select(cfg, f"{s}.{rest}", default=None) is not None]
+        hint = f"; set {' or '.join(works)}" if works else ""
+        raise ValueError(f"{key}={value}: stage={cfg.stage.name} does not read `{section}.*` (this run reads "
+                         f"{', '.join(f'{s}.*' for s in sorted(read))}){hint}")
 
 
 # ---------------------------------------------------------------- validation, once, in the parent

@@ -194,4 +194,5 @@ def test_pipeline_compare_and_critic_free_rules_fail_at_compose():
     # the pipeline's step 3 with a critic-free estimator and one answer per prompt: caught before any step runs
     with pytest.raises(ValueError, match="ppo.advantage=rloo has no critic.*ppo.samples_per_prompt >= 2"):
         compose_cfg("stage=pipeline", "ppo.advantage=rloo")
-    assert compose_cfg("stage=pipeline", "pipeline.algo=dpo", "ppo.advantage=rloo")  # no PPO step: not read
+    with pytest.raises(ValueError, match=r"ppo.advantage=rloo: stage=pipeline does not read `ppo.\*`"):
+        compose_cfg("stage=pipeline", "pipeline.algo=dpo", "ppo.advantage=rloo")  # no PPO step: not read

@@ -105,18 +105,21 @@ def test_a_stage_trains_the_role_it_reads_and_refuses_one_it_would_ignore():
     ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps=-1: must be >= 0"),
     ("sft.max_seq_len=0", "sft.max_seq_len=0: must be >= 1"),
     ("model.init=randm", "model.init='randm': expected one of pretrained, random, tiny"),
-    ("dpo.loss=hinge2", "dpo.loss='hinge2': not a DPO loss"),
+    ("stage=dpo dpo.loss=hinge2", "dpo.loss='hinge2': not a DPO loss"),
     ("ppo.reward_baseline=group", "ppo.reward_baseline=group needs ppo.samples_per_prompt >= 2"),
     ("zero.offload_param=true", "zero.offload_param=true needs zero.stage=3"),
     ("ppo.delta_scale=0", "ppo.delta_scale=0.0: must be > 0"),
-    ("dpo.delta_scale=-0.5", "dpo.delta_scale=-0.5: must be > 0"),
+    ("stage=dpo dpo.delta_scale=-0.5", "dpo.delta_scale=-0.5: must be > 0"),
+    ("stage=sft dpo.lr=1e-5", "dpo.lr=1e-5: stage=sft does not read `dpo.*` (this run reads sft.*); set sft.lr"),
+    ("pipeline.algo=dpo ppo.kl_ctl=0.2", "ppo.kl_ctl=0.2: stage=pipeline does not read `ppo.*` (this run reads dpo.*, "
+                                         "sft.*)"),
 ])
 def test_bad_values_fail_at_compose_naming_the_key(override, message):
     import time
 
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=re.escape(message)):
-        compose_cfg(override)
+        compose_cfg(*override.split())
     assert time.perf_counter() - t0 < 5  # no model, data or rank touched
 
 

@@ -22,11 +22,21 @@ from rlhf.stages import run_stage
 from tests.conftest import ROOT, compose_cfg, shared_cache
 from tests.model_zoo import KINDS, REMOTE, build
 
-FAST = ("logger=none", "logger.progress=false", "debug=fast", "data.heldout_prompts=4", "data.heldout_samples=1",
-        "data.demo_size=200", "sft.eval_every=0", "rm.eval_every=0", "dpo.eval_every=0",
-        "sft.max_steps=3", "rm.max_steps=3", "dpo.max_steps=3", "ppo.max_steps=1", "ppo.generation_batch_size=8",
-        "ppo.train_batch_size=8", "ppo.max_answer_len=8", "ppo.max_prompt_len=32", "sft.max_seq_len=64",
-        "rm.max_seq_len=64", "dpo.max_seq_len=64")
+_COMMON = ("logger=none", "logger.progress=false", "debug=fast", "data.heldout_prompts=4", "data.heldout_samples=1",
+           "data.demo_size=200")
+_SECTION = {"sft": ("sft.eval_every=0", "sft.max_steps=3", "sft.max_seq_len=64"),
+            "rm": ("rm.eval_every=0", "rm.max_steps=3", "rm.max_seq_len=64"),
+            "dpo": ("dpo.eval_every=0", "dpo.max_steps=3", "dpo.max_seq_len=64"),
+            "ppo": ("ppo.max_steps=1", "ppo.generation_batch_size=8", "ppo.train_batch_size=8", "ppo.max_answer_len=8",
+                    "ppo.max_prompt_len=32")}
+
+
+def fast(*sections: str) -> tuple:
+    """Few steps and short texts for the stage sections a run reads (a key of another one is an error)."""
+    return (*_COMMON, *(k for s in sections for k in _SECTION[s]))
+
+
+FAST_PIPELINE = fast("sft", "rm", "ppo")  # the default pipeline: SFT -> RM -> PPO
 
 
 def _tiny_dir(spec: str) -> Path:
@@ -113,7 +123,7 @@ def test_special_tokens_stay_whole(zoo):
 
 
 def test_remote_code_stays_an_explicit_opt_in(zoo, tmp_path):
-    cfg = compose_cfg("stage=sft", f"model.path={zoo['pangu']}", *FAST, run_dir=tmp_path)
+    cfg = compose_cfg("stage=sft", f"model.path={zoo['pangu']}", *fast("sft"), run_dir=tmp_path)
     with pytest.raises(ValueError, match="family 'pangu' runs custom code.*`model.trust_remote_code=true`"):
         run_stage(cfg)
 
@@ -128,7 +138,7 @@ def test_every_family_through_every_stage(zoo, kind, tmp_path):
     given = _given(src)
     remote = ("model.trust_remote_code=true",) if kind in REMOTE else ()
     # SFT -> RM -> PPO with LoRA, from model.path alone
-    cfg = compose_cfg(f"model.path={src}", *remote, *FAST, "lora=r8", run_dir=tmp_path / "pipe")
+    cfg = compose_cfg(f"model.path={src}", *remote, *FAST_PIPELINE, "lora=r8", run_dir=tmp_path / "pipe")
     assert cfg.actor.path == cfg.reward.path == str(src) and cfg.model.family == "auto"
     summary = run_stage(cfg)
     for step in ("sft", "ppo"):
@@ -147,9 +157,9 @@ def test_every_family_through_every_stage(zoo, kind, tmp_path):
     assert rm["saved_params"] == sum(p.numel() for p in body.parameters()) + _hidden_size(body.config)  # + v_head
     if kind in ("qwen2", "gpt_neox"):  # stage=ppo on model.path alone (critic from the RM) keeps the class too
         ppo = run_stage(compose_cfg("stage=ppo", f"model.path={sft_dir}", f"critic.path={tmp_path / 'pipe' / 'rm' / 'model'}",
-                                    *FAST, run_dir=tmp_path / "ppo"))
+                                    *fast("ppo"), run_dir=tmp_path / "ppo"))
         assert (ppo["architecture"], ppo["saved_params"]) == (given["architecture"], given["saved_params"])
-    dpo = run_stage(compose_cfg("stage=dpo", f"model.path={sft_dir}", *remote, *FAST, run_dir=tmp_path / "dpo"))
+    dpo = run_stage(compose_cfg("stage=dpo", f"model.path={sft_dir}", *remote, *fast("dpo"), run_dir=tmp_path / "dpo"))
     assert (dpo["architecture"], dpo["saved_params"]) == (given["architecture"], given["saved_params"])
     # chat on the PPO actor: two questions, two answers
     chat_cfg = compose_cfg("stage=chat", f"model.path={tmp_path / 'pipe' / 'ppo' / 'model'}", *remote,
@@ -167,7 +177,7 @@ def test_cli_trains_the_named_checkpoint_and_files_the_run_under_its_name(zoo, t
     env = {k: v for k, v in __import__("os").environ.items()}
     env["OMP_NUM_THREADS"] = "1"
     out = subprocess.run([sys.executable, "run.py", f"model.path={zoo['qwen2']}", "pipeline.steps=[1]",
-                          f"cache_dir={shared_cache()}", *FAST, f"hydra.run.dir={tmp_path}/outputs/pipeline/tiny-opt/t0"],
+                          f"cache_dir={shared_cache()}", *fast("sft"), f"hydra.run.dir={tmp_path}/outputs/pipeline/tiny-opt/t0"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "outputs" / "pipeline" / "qwen2" / "t0"  # renamed from the preset's name
