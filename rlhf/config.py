@@ -674,10 +674,17 @@ def _rules(cfg) -> List[str]:
     if critic_free and not p.reward_model and cfg.critic.path:
         errors.append(f"critic.path={cfg.critic.path} is not used: step 3 builds no critic with a critic-free "
                       "estimator, and ppo.reward_model=false loads no reward model (drop critic.path)")
-    for key, scale in (("ppo.delta_scale", p.delta_scale), ("dpo.delta_scale", cfg.dpo.delta_scale)):
+    runs_dpo = cfg.stage.name == "dpo" or "dpo" in step3
+    own_start = cfg.stage.name != "pipeline" or 1 not in steps  # step 3 starts from actor.path, not step 1's output
+    for key, scale, runs in (("ppo.delta_scale", p.delta_scale, runs_ppo or runs_grpo),
+                             ("dpo.delta_scale", cfg.dpo.delta_scale, runs_dpo)):
         if scale <= 0:
             errors.append(f"{key}={scale}: must be > 0 (1.0 exports the trained weights, 0.5 the midpoint between "
                           "the start and the trained weights)")
+        elif runs and scale != 1.0 and own_start and cfg.actor.init == "random" and not (
+                key == "dpo.delta_scale" and cfg.dpo.init_from):
+            errors.append(f"{key}={scale} needs the start's weights, but actor.init=random starts from none: "
+                          f"set {key}=1.0 or actor.path=<a checkpoint>")
     if cfg.launch.timeout_s <= 0:
         errors.append(f"launch.timeout_s={cfg.launch.timeout_s}: must be > 0 (seconds a collective waits for a rank)")
     if cfg.hardware.accelerator == "cpu" and cfg.hardware.backend != "gloo":

@@ -110,6 +110,8 @@ def test_a_stage_trains_the_role_it_reads_and_refuses_one_it_would_ignore():
     ("zero.offload_param=true", "zero.offload_param=true needs zero.stage=3"),
     ("ppo.delta_scale=0", "ppo.delta_scale=0.0: must be > 0"),
     ("stage=dpo dpo.delta_scale=-0.5", "dpo.delta_scale=-0.5: must be > 0"),
+    ("stage=ppo actor.init=random ppo.delta_scale=0.5", "ppo.delta_scale=0.5 needs the start's weights, but "
+                                                        "actor.init=random starts from none"),
     ("stage=sft dpo.lr=1e-5", "dpo.lr=1e-5: stage=sft does not read `dpo.*` (this run reads sft.*); set sft.lr"),
     ("pipeline.algo=dpo ppo.kl_ctl=0.2", "ppo.kl_ctl=0.2: stage=pipeline does not read `ppo.*` (this run reads dpo.*, "
                                          "sft.*)"),
